@@ -1,0 +1,657 @@
+"""Typed settings: packaged defaults, profile files, --config files, env vars and secret files, later wins.
+
+Every leaf can be overridden from the environment in Spring Boot's relaxed form (upper case, dots and list
+brackets become ``_``, dashes dropped: ``anthropic.api.keys[0].value`` is ``ANTHROPIC_API_KEYS_0_VALUE``) or by
+its literal property name. ``NAME_FILE`` reads the value from a file (Kubernetes secret mounts), as does a
+``${file:/path}`` placeholder in YAML. Errors name the key and the file or variable it came from.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+
+__all__ = [
+    "ConfigError",
+    "GateSettings",
+    "load_settings",
+    "parse_duration",
+    "parse_size",
+]
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key and where it came from."""
+
+
+# ---------------------------------------------------------------------------------------------- value types
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|ms|s|m|h|d)?\s*$", re.IGNORECASE)
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(b|kb|mb|gb|kib|mib|gib)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3,
+}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from Spring-style ``500ms``/``30s``/``5m``/``1h``/``2d`` or a plain number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("a duration, such as 30s, 500ms or 5m")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(f"not a duration: {value!r} (use e.g. 30s, 500ms, 5m or plain seconds)")
+        seconds = float(match.group(1)) * _DURATION_UNITS[(match.group(2) or "s").lower()]
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from ``32MB``/``512KB``/a plain integer (KB and MB are binary, as in Spring's DataSize)."""
+    if isinstance(value, bool):
+        raise ValueError("a size, such as 32MB")
+    if isinstance(value, int):
+        return value
+    match = _SIZE.match(str(value))
+    if not match:
+        raise ValueError(f"not a size: {value!r} (use e.g. 32MB, 16KB or plain bytes)")
+    return int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "b").lower()])
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", alias_generator=_kebab, populate_by_name=True, frozen=True, validate_default=True
+    )
+
+
+# ---------------------------------------------------------------------------------------------- sections
+
+
+class ShutdownSettings(_Section):
+    drain_timeout: Duration = 30.0
+
+
+class LimitsSettings(_Section):
+    max_body_size: Size = 32 * 1024 * 1024
+    max_header_size: Size = 16 * 1024
+    header_timeout: Duration = 10.0  # a request whose headers have not all arrived by then: 408 / closed
+    body_timeout: Duration = 60.0  # a body that stops arriving: 408
+    keep_alive_timeout: Duration = 75.0
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    workers: int = Field(1, ge=1, le=256)
+    shutdown: ShutdownSettings = ShutdownSettings()
+    limits: LimitsSettings = LimitsSettings()
+
+
+class ManagementServerSettings(_Section):
+    port: int | None = Field(None, ge=0, le=65535)  # None: /actuator/* shares the main port
+    host: str | None = None
+
+
+class ManagementSettings(_Section):
+    server: ManagementServerSettings = ManagementServerSettings()
+
+
+class DevAuthSettings(_Section):
+    enabled: bool = True  # only ever honoured with the `local` profile and no jwk-set-uri
+    data_dir: str = "${XDG_DATA_HOME:~/.local/share}/gate"
+    issuer: str = "gate-dev"
+
+
+class JwtSettings(_Section):
+    jwk_set_uri: str | None = None
+    leeway: Duration = 60.0
+    refresh: Duration = 300.0
+    min_refresh_interval: Duration = 10.0  # unknown-kid refreshes are at most this often
+    fetch_timeout: Duration = 5.0
+    issuer: str | None = None
+    audiences: list[str] = []
+    cache_size: int = Field(10_000, ge=0)
+    max_token_length: Size = 16 * 1024
+    dev: DevAuthSettings = DevAuthSettings()
+
+    @field_validator("jwk_set_uri", "issuer", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+
+class SecuritySettings(_Section):
+    jwt: JwtSettings = JwtSettings()
+
+
+class ApiKey(_Section):
+    alias: str = Field(min_length=1)
+    value: SecretStr = SecretStr("")
+
+
+class TimeoutSettings(_Section):
+    connect: Duration = 10.0
+    response_headers: Duration = 600.0
+    stream_idle: Duration = 300.0
+
+
+class KeyHealthSettings(_Section):
+    rate_limit_cooldown: Duration = 30.0  # when a 429 carries no retry-after
+    max_cooldown: Duration = 3600.0
+    quarantine: Duration = 3600.0  # after a 401/403 from upstream
+
+
+class RetrySettings(_Section):
+    key_attempts: int = Field(2, ge=1, le=10)  # attempts across keys on 429/401/403 before the first byte
+    connect_attempts: int = Field(2, ge=1, le=10)  # attempts on a connection failure
+
+
+class AnthropicApiSettings(_Section):
+    base_url: str = "https://api.anthropic.com"
+    keys: list[ApiKey] = []
+    default_version: str = "2023-06-01"
+    pool_size: int = Field(0, ge=0)  # 0: unlimited connections to upstream
+    timeouts: TimeoutSettings = TimeoutSettings()
+    key_health: KeyHealthSettings = KeyHealthSettings()
+    retry: RetrySettings = RetrySettings()
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"not an http(s) URL: {value!r}")
+        return value.rstrip("/")
+
+    @field_validator("keys")
+    @classmethod
+    def _unique_aliases(cls, keys: list[ApiKey]) -> list[ApiKey]:
+        aliases = [k.alias for k in keys]
+        duplicates = sorted({a for a in aliases if aliases.count(a) > 1})
+        if duplicates:
+            raise ValueError(f"key aliases must be unique; repeated: {', '.join(duplicates)}")
+        return keys
+
+    @property
+    def usable_keys(self) -> list[ApiKey]:
+        """Keys with a value: the seed's ``${X:}`` idiom leaves unset ones out of the pool."""
+        return [k for k in self.keys if k.value.get_secret_value().strip()]
+
+
+class AnthropicSettings(_Section):
+    api: AnthropicApiSettings = AnthropicApiSettings()
+
+
+class CircuitBreakerSettings(_Section):
+    enabled: bool = True
+    sliding_window_size: int = Field(100, ge=1)
+    minimum_number_of_calls: int = Field(20, ge=1)
+    failure_rate_threshold: float = Field(50.0, gt=0, le=100)
+    slow_call_rate_threshold: float = Field(100.0, gt=0, le=100)
+    slow_call_duration_threshold: Duration = 30.0
+    wait_duration_in_open_state: Duration = 60.0
+    permitted_number_of_calls_in_half_open_state: int = Field(10, ge=1)
+
+
+class ResilienceSettings(_Section):
+    circuit_breaker: CircuitBreakerSettings = CircuitBreakerSettings()
+
+
+class RabbitMQSettings(_Section):
+    url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    routing_key: str = "usage"
+    exchange_type: Literal["topic"] = "topic"
+    confirm_timeout: Duration = 10.0
+
+
+class PubSubSettings(_Section):
+    project_id: str = "gate-local"
+    emulator_host: str | None = None  # else PUBSUB_EMULATOR_HOST, else Google's endpoint
+    create_topic: bool = False
+
+
+class FileSinkSettings(_Section):
+    path: str = "./data/usage-events.jsonl"
+
+
+class OutboxSettings(_Section):
+    path: str = "./data/usage-outbox.sqlite3"
+    max_events: int = Field(1_000_000, ge=1)
+    alarm_ratio: float = Field(0.8, gt=0, le=1)  # health turns DOWN/alarm at this fraction of max-events
+    commit_interval: Duration = 0.05  # events are durable within this time (SIGKILL loses at most this)
+    batch_size: int = Field(500, ge=1)
+    retry_initial: Duration = 0.5
+    retry_max: Duration = 30.0
+
+
+class UsageSettings(_Section):
+    publisher: Literal["rabbitmq", "pubsub", "file", "log", "none"] = "rabbitmq"
+    destination: str = "llm-gateway-usage"
+    event_type: str = "io.github.samzhu.gate.usage.v1"
+    event_source: str = "/gate/messages"
+    content_mode: Literal["structured", "binary"] = "structured"
+    rabbitmq: RabbitMQSettings = RabbitMQSettings()
+    pubsub: PubSubSettings = PubSubSettings()
+    file: FileSinkSettings = FileSinkSettings()
+    outbox: OutboxSettings = OutboxSettings()
+
+
+class MetricsSettings(_Section):
+    enabled: bool = True
+    user_label: bool = False
+
+
+class TracingSettings(_Section):
+    enabled: bool = True
+    user_attribute: str | None = "user.id"  # None or "" switches the user attribute off
+
+
+class LoggingSettings(_Section):
+    format: Literal["json", "console"] = "json"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    access_log: bool = True
+
+
+class ObservabilitySettings(_Section):
+    metrics: MetricsSettings = MetricsSettings()
+    tracing: TracingSettings = TracingSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+
+class GateSettings(_Section):
+    """The whole configuration. ``profiles`` and ``sources`` are filled in by the loader."""
+
+    server: ServerSettings = ServerSettings()
+    management: ManagementSettings = ManagementSettings()
+    security: SecuritySettings = SecuritySettings()
+    anthropic: AnthropicSettings = AnthropicSettings()
+    resilience: ResilienceSettings = ResilienceSettings()
+    usage: UsageSettings = UsageSettings()
+    observability: ObservabilitySettings = ObservabilitySettings()
+    profiles: tuple[str, ...] = ("local",)
+    sources: tuple[str, ...] = ()
+
+    @property
+    def dev_auth(self) -> bool:
+        """Development auth: only with the `local` profile and no JWKS configured."""
+        jwt = self.security.jwt
+        return jwt.jwk_set_uri is None and "local" in self.profiles and jwt.dev.enabled
+
+    def masked(self) -> dict[str, Any]:
+        """The effective configuration as plain data, every secret replaced by ``******``."""
+        data = self.model_dump(mode="json", by_alias=True, exclude={"sources"})
+        return _mask(data)
+
+
+_SECRET_NAMES = re.compile(r"(^|-)(value|password|secret|token|url)$")
+
+
+def _mask(data: Any, key: str = "") -> Any:
+    if isinstance(data, dict):
+        return {k: _mask(v, k) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_mask(v, key) for v in data]
+    if isinstance(data, str) and data == "**********":
+        return "******"
+    if key in {"value"} and isinstance(data, str) and data:
+        return "******"
+    return data
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+_PLACEHOLDER = re.compile(r"\$\{([^}:]+)(?::([^}]*))?\}")
+
+
+@dataclass
+class _Layers:
+    """Merged raw data and, for every leaf path, the source that set it last."""
+
+    data: dict[str, Any] = field(default_factory=dict)
+    origin: dict[tuple[str | int, ...], str] = field(default_factory=dict)
+
+    def merge(self, incoming: Mapping[str, Any], source: str) -> None:
+        _merge_into(self.data, incoming, (), source, self.origin)
+
+
+def _merge_into(
+    target: dict[str, Any],
+    incoming: Mapping[str, Any],
+    prefix: tuple[str | int, ...],
+    source: str,
+    origin: dict[tuple[str | int, ...], str],
+) -> None:
+    for raw_key, value in incoming.items():
+        key = str(raw_key)
+        path = (*prefix, key)
+        if isinstance(value, Mapping) and isinstance(target.get(key), dict):
+            _merge_into(target[key], value, path, source, origin)
+        else:
+            # Lists replace wholesale, as in Spring: a profile's `keys` is the whole pool.
+            target[key] = _plain(value)
+            for stale in [p for p in origin if p[: len(path)] == path]:
+                del origin[stale]
+            for leaf in _leaf_paths(value, path):
+                origin[leaf] = source
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _leaf_paths(value: Any, path: tuple[str | int, ...]) -> Iterator[tuple[str | int, ...]]:
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            yield from _leaf_paths(v, (*path, str(k)))
+    elif isinstance(value, list):
+        yield path
+        for i, v in enumerate(value):
+            yield from _leaf_paths(v, (*path, i))
+    else:
+        yield path
+
+
+def _resolve(value: Any, env: Mapping[str, str], where: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _resolve(v, env, where) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve(v, env, where) for v in value]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1).strip(), match.group(2)
+        if name.startswith("file:"):
+            return _read_secret_file(name[5:], where)
+        if name in env:
+            return env[name]
+        if default is None:
+            raise ConfigError(f"{where}: placeholder ${{{name}}} has no default and {name} is not set")
+        return os.path.expanduser(default) if default.startswith("~") else default
+
+    resolved = _PLACEHOLDER.sub(substitute, value)
+    if resolved != value and "${" in resolved:
+        resolved = _resolve(resolved, env, where)
+    return os.path.expanduser(resolved) if resolved.startswith("~/") else resolved
+
+
+def _read_secret_file(path: str, where: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read secret file {path}: {exc.strerror}") from None
+
+
+def _read_yaml(text: str, source: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys")
+    return data
+
+
+def _packaged(name: str) -> str | None:
+    resource = resources.files("gate").joinpath("config", name)
+    return resource.read_text(encoding="utf-8") if resource.is_file() else None
+
+
+# Env names: Spring's relaxed binding of every leaf that the schema knows.
+
+
+def _env_name(path: tuple[str | int, ...]) -> str:
+    return "_".join(str(p).replace("-", "").upper() for p in path)
+
+
+def _schema_leaves(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], bool]]:
+    """(path, is_list_of_sections) for every settable property; list items are handled by index."""
+    for name, info in model.model_fields.items():
+        if name in {"profiles", "sources"}:
+            continue
+        alias = info.alias or name
+        ann = info.annotation
+        path = (*prefix, alias)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from _schema_leaves(ann, path)
+        elif getattr(ann, "__origin__", None) is list and _section_item(ann) is not None:
+            yield path, True
+        else:
+            yield path, False
+
+
+def _section_item(ann: Any) -> type[BaseModel] | None:
+    args = getattr(ann, "__args__", ())
+    if args and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+        return args[0]
+    return None
+
+
+def _env_overrides(env: Mapping[str, str]) -> list[tuple[tuple[str | int, ...], str, str]]:
+    """(path, value, variable) for every variable that names a known property."""
+    simple: dict[str, tuple[str | int, ...]] = {}
+    lists: list[tuple[tuple[str, ...], type[BaseModel]]] = []
+    for path, is_list in _schema_leaves(GateSettings):
+        if is_list:
+            item = _section_item(_field_annotation(path))
+            assert item is not None
+            lists.append((path, item))
+        else:
+            simple[_env_name(path)] = path
+            simple[".".join(path)] = path
+    found: list[tuple[tuple[str | int, ...], str, str]] = []
+    for var, raw in env.items():
+        name, value = var, raw
+        if var.endswith("_FILE") and (var[:-5] in simple or _list_path(var[:-5], lists)):
+            name, value = var[:-5], _read_secret_file(raw, f"environment variable {var}")
+        path = simple.get(name) or _list_path(name, lists)
+        if path is not None:
+            found.append((path, value, var))
+    return sorted(found, key=lambda item: item[2])
+
+
+def _field_annotation(path: tuple[str, ...]) -> Any:
+    model: Any = GateSettings
+    ann: Any = None
+    for part in path:
+        for name, info in model.model_fields.items():
+            if (info.alias or name) == part:
+                ann = info.annotation
+                model = ann
+                break
+    return ann
+
+
+def _list_path(var: str, lists: list[tuple[tuple[str, ...], type[BaseModel]]]) -> tuple[str | int, ...] | None:
+    for path, item in lists:
+        env_prefix = _env_name(path)
+        dotted = ".".join(path)
+        for pattern in (
+            rf"^{re.escape(env_prefix)}_(\d+)_([A-Z0-9]+)$",
+            rf"^{re.escape(dotted)}\[(\d+)\]\.([a-z0-9-]+)$",
+        ):
+            match = re.match(pattern, var)
+            if not match:
+                continue
+            wanted = match.group(2).replace("-", "").upper()
+            for name, info in item.model_fields.items():
+                alias = info.alias or name
+                if alias.replace("-", "").upper() == wanted:
+                    return (*path, int(match.group(1)), alias)
+    return None
+
+
+def _set_path(data: dict[str, Any], path: tuple[str | int, ...], value: Any) -> None:
+    node: Any = data
+    for part, nxt in zip(path, path[1:], strict=False):
+        if isinstance(part, int):
+            while len(node) <= part:
+                node.append({})
+            node = node[part]
+        else:
+            if not isinstance(node.get(part), dict | list):
+                node[part] = [] if isinstance(nxt, int) else {}
+            node = node[part]
+    last = path[-1]
+    if isinstance(last, int):
+        while len(node) <= last:
+            node.append({})
+    node[last] = value
+
+
+def active_profiles(cli_profiles: list[str] | None, env: Mapping[str, str]) -> tuple[str, ...]:
+    if cli_profiles:
+        names = [p for item in cli_profiles for p in item.split(",")]
+    else:
+        names = env.get("GATE_PROFILES", "local").split(",")
+    profiles = tuple(dict.fromkeys(p.strip() for p in names if p.strip()))
+    return profiles or ("local",)
+
+
+def load_settings(
+    config_files: list[str] | None = None,
+    profiles: list[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_dir: str | Path = "config",
+    overrides: Mapping[str, Any] | None = None,
+) -> GateSettings:
+    """Load the layered configuration; raise :class:`ConfigError` naming key and source on any mistake."""
+    env = dict(os.environ if env is None else env)
+    active = active_profiles(profiles, env)
+    layers = _Layers()
+    sources: list[str] = []
+
+    def add(text: str | None, source: str) -> None:
+        if text is None:
+            return
+        layers.merge(_resolve(_read_yaml(text, source), env, source), source)
+        sources.append(source)
+
+    add(_packaged("application.yaml"), "packaged application.yaml")
+    config_path = Path(config_dir)
+    add(_read_optional(config_path / "application.yaml"), str(config_path / "application.yaml"))
+    for profile in active:
+        name = f"application-{profile}.yaml"
+        add(_packaged(name), f"packaged {name}")
+        add(_read_optional(config_path / name), str(config_path / name))
+    for file in config_files or []:
+        try:
+            text = Path(file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"--config {file}: {exc.strerror}") from None
+        add(text, file)
+    for path, value, var in _env_overrides(env):
+        where = f"environment variable {var}"
+        _set_path(layers.data, path, _resolve(_coerce_env(value), env, where))
+        for stale in [p for p in layers.origin if p[: len(path)] == path]:
+            del layers.origin[stale]
+        layers.origin[path] = where
+        sources.append(where)
+    if overrides:
+        layers.merge(overrides, "overrides")
+
+    data = dict(layers.data)
+    data["profiles"] = active
+    data["sources"] = tuple(dict.fromkeys(sources))
+    try:
+        settings = GateSettings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, layers.origin)) from None
+    if not settings.dev_auth and settings.security.jwt.jwk_set_uri is None:
+        raise ConfigError(
+            "security.jwt.jwk-set-uri is not set: outside the `local` profile Gate refuses to start without a "
+            "JWKS (set SECURITY_JWT_JWKSETURI or security.jwt.jwk-set-uri)"
+        )
+    return settings
+
+
+def _read_optional(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+
+
+def _coerce_env(value: str) -> Any:
+    """Env values are strings; a YAML-looking list (``[a, b]``) or comma list is accepted for lists."""
+    stripped = value.strip()
+    if stripped.startswith("[") and stripped.endswith("]"):
+        try:
+            return yaml.safe_load(stripped)
+        except yaml.YAMLError:
+            return value
+    return value
+
+
+def _explain(exc: ValidationError, origin: Mapping[tuple[str | int, ...], str]) -> str:
+    lines = ["invalid configuration:"]
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        key = _dotted(loc)
+        source = _origin_of(loc, origin)
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        else:
+            message = error["msg"]
+            if "input" in error and not _looks_secret(key):
+                message += f" (got {error['input']!r})"
+        lines.append(f"  {key}: {message} [from {source}]")
+    return "\n".join(lines)
+
+
+def _looks_secret(key: str) -> bool:
+    return bool(re.search(r"(value|password|secret|token|url)$", key))
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _origin_of(loc: tuple[Any, ...], origin: Mapping[tuple[str | int, ...], str]) -> str:
+    for length in range(len(loc), 0, -1):
+        found = origin.get(tuple(loc[:length]))
+        if found:
+            return found
+        # a leaf under this prefix tells which file the section came from
+        for path, source in origin.items():
+            if path[:length] == tuple(loc[:length]):
+                return source
+    return "defaults"
