@@ -96,7 +96,8 @@ class _Section(BaseModel):
 
 
 class ShutdownSettings(_Section):
-    drain_timeout: Duration = 30.0
+    drain_timeout: Duration = 30.0  # in-flight requests and streams may finish within this
+    flush_timeout: Duration = 5.0  # then the usage outbox gets this long to reach the broker
 
 
 class LimitsSettings(_Section):
@@ -179,6 +180,7 @@ class AnthropicApiSettings(_Section):
     keys: list[ApiKey] = []
     default_version: str = "2023-06-01"
     pool_size: int = Field(0, ge=0)  # 0: unlimited connections to upstream
+    use_env_proxy: bool = True  # honour HTTPS_PROXY / NO_PROXY (corporate egress proxies)
     timeouts: TimeoutSettings = TimeoutSettings()
     key_health: KeyHealthSettings = KeyHealthSettings()
     retry: RetrySettings = RetrySettings()

@@ -1,0 +1,628 @@
+"""The proxied routes: authenticate, pick a key, ask the breaker, call Anthropic, relay the bytes back.
+
+The response reaches the client chunk by chunk as upstream sends it, tapped by the usage meter on the way; every
+upstream call of ``/v1/messages`` ends in exactly one usage record, whatever happens (errors, timeouts, a client
+that goes away). The relay never blocks on publishing: ``UsageEvents.publish`` only enqueues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from time import perf_counter
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from multidict import istr
+
+from gate.auth import Authenticator, AuthError, Identity, www_authenticate
+from gate.breaker import CircuitBreaker, CircuitOpenError, Permit
+from gate.errors import error_response
+from gate.events import UsageEvents
+from gate.keys import Key, KeyPool, NoKeyAvailable
+from gate.settings import GateSettings
+from gate.telemetry import Telemetry
+from gate.upstream import Upstream, request_headers, response_headers
+from gate.usage import UsageMeter, UsageRecord, filter_accept_encoding
+
+__all__ = ["Relay"]
+
+log = logging.getLogger("gate.relay")
+access = logging.getLogger("gate.access")
+
+_AUTHORIZATION = istr("authorization")
+_X_API_KEY = istr("x-api-key")
+_ACCEPT_ENCODING = istr("accept-encoding")
+_CONTENT_TYPE = istr("content-type")
+_CONTENT_ENCODING = istr("content-encoding")
+_CONTENT_LENGTH = istr("content-length")
+_RETRY_AFTER = istr("retry-after")
+_REQUEST_ID = istr("request-id")
+_SESSION_ID = istr("x-claude-code-session-id")
+_KEY_TROUBLE = frozenset({401, 403, 429})
+_MAX_BUFFERED_BODY = 8 * 1024 * 1024  # a non-streaming answer with a known length up to this is sent in one write
+
+
+class _ClientGone(Exception):
+    """The client closed its connection while we were answering."""
+
+
+@dataclass(slots=True)
+class _Call:
+    """What one client request has learnt so far; the source of its usage record and access log line."""
+
+    route: str
+    started: float
+    stream: bool = False
+    model: str | None = None
+    sub: str | None = None
+    session_id: str | None = None
+    key_alias: str | None = None
+    upstream_wait: float = 0.0
+    status: int = 0
+    meter: UsageMeter | None = None
+    ttft_ms: int | None = None
+    records: list[UsageRecord] = field(default_factory=list)
+    server_span: Any = None
+    client_span: Any = None
+    response: web.StreamResponse | None = None
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """The state shared by the upstream attempts of one client request (key and connect retries)."""
+
+    path_qs: str
+    accept_encoding: str | None
+    body: bytes | None
+    permit: Permit
+    metered: bool
+    tried: set[str] = field(default_factory=set)
+    key_failures: int = 0
+    connect_failures: int = 0
+    permit_done: bool = False
+
+
+@dataclass(slots=True, frozen=True)
+class _Retry:
+    """Try again upstream with this key."""
+
+    next_key: Key
+
+
+class Relay:
+    """The handlers for ``/v1/messages``, ``/v1/messages/count_tokens`` and ``/v1/models``."""
+
+    def __init__(
+        self,
+        settings: GateSettings,
+        *,
+        upstream: Upstream,
+        auth: Authenticator,
+        keys: KeyPool,
+        breaker: CircuitBreaker,
+        events: UsageEvents,
+        telemetry: Telemetry,
+    ) -> None:
+        api = settings.anthropic.api
+        self._upstream = upstream
+        self._auth = auth
+        self._keys = keys
+        self._breaker = breaker
+        self._events = events
+        self._telemetry = telemetry
+        self._default_version = api.default_version
+        self._connect_attempts = api.retry.connect_attempts
+        self._key_attempts = api.retry.key_attempts
+        self._headers_timeout = api.timeouts.response_headers
+        self._idle_timeout = api.timeouts.stream_idle
+        self._max_body = settings.server.limits.max_body_size
+        self._body_timeout = settings.server.limits.body_timeout
+        self._access_log = settings.observability.logging.access_log
+        self._tracing_user = settings.observability.tracing.user_attribute
+
+    # ------------------------------------------------------------------------------------------- handlers
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, "/v1/messages", metered=True)
+
+    async def count_tokens(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, "/v1/messages/count_tokens", metered=False)
+
+    async def models(self, request: web.Request) -> web.StreamResponse:
+        route = "/v1/models/{id}" if "id" in request.match_info else "/v1/models"
+        return await self._handle(request, route, metered=False)
+
+    async def _handle(self, request: web.Request, route: str, *, metered: bool) -> web.StreamResponse:
+        call = _Call(route=route, started=perf_counter())
+        telemetry = self._telemetry
+        with telemetry.server_span(request.method, route, request.headers) as span:
+            call.server_span = span
+            try:
+                response = await self._serve(request, call, metered=metered)
+                call.status = response.status
+                return response
+            except asyncio.CancelledError:
+                call.status = 499  # nginx's convention for "client closed request"
+                raise
+            except _ClientGone:
+                call.status = 499
+                return call.response or web.Response(status=499)
+            finally:
+                duration = perf_counter() - call.started
+                overhead = max(duration - call.upstream_wait, 0.0)
+                for record in call.records:
+                    self._events.publish(record)
+                telemetry.record_request(
+                    method=request.method,
+                    route=route,
+                    status=call.status,
+                    duration=duration,
+                    overhead=overhead,
+                    sub=call.sub,
+                )
+                if self._access_log:
+                    self._log_access(request, call, duration, overhead)
+
+    async def _serve(self, request: web.Request, call: _Call, *, metered: bool) -> web.StreamResponse:
+        try:
+            identity = await self._auth.authenticate(request.headers.get(_AUTHORIZATION), request.headers.get(_X_API_KEY))
+        except AuthError as exc:
+            self._telemetry.on_auth_failure(exc.reason)
+            return error_response(
+                401, exc.message, headers={"WWW-Authenticate": www_authenticate(exc)}
+            )
+        call.sub = identity.sub
+        body: bytes | None = None
+        if request.method == "POST":
+            body_or_error = await self._read_body(request)
+            if isinstance(body_or_error, web.Response):
+                return body_or_error
+            body = body_or_error
+            parsed = _parse_json_object(body)
+            if isinstance(parsed, str):
+                return error_response(400, parsed)
+            model = parsed.get("model")
+            call.model = model if isinstance(model, str) else None
+            call.stream = parsed.get("stream") is True
+        call.session_id = request.headers.get(_SESSION_ID)
+        return await self._forward(request, call, identity, body, metered=metered)
+
+    async def _read_body(self, request: web.Request) -> bytes | web.Response:
+        length = request.content_length
+        if length is not None and length > self._max_body:
+            return error_response(413, f"Request body is larger than the gateway's limit of {self._max_body} bytes.")
+        try:
+            async with asyncio.timeout(self._body_timeout):
+                return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return error_response(413, f"Request body is larger than the gateway's limit of {self._max_body} bytes.")
+        except TimeoutError:
+            return error_response(408, "The request body did not arrive in time.")
+
+    # ------------------------------------------------------------------------------------------- upstream
+
+    async def _forward(
+        self, request: web.Request, call: _Call, identity: Identity, body: bytes | None, *, metered: bool
+    ) -> web.StreamResponse:
+        try:
+            permit = self._breaker.acquire()
+        except CircuitOpenError as exc:
+            seconds = max(1, math.ceil(exc.retry_after))
+            return error_response(
+                503,
+                "Upstream is failing; the gateway's circuit breaker is open. Retry later.",
+                headers={"retry-after": str(seconds)},
+            )
+        attempt = _Attempt(
+            path_qs=request.rel_url.raw_path_qs,
+            accept_encoding=filter_accept_encoding(request.headers.get(_ACCEPT_ENCODING)),
+            body=body,
+            permit=permit,
+            metered=metered,
+        )
+        key: Key | None = None
+        try:
+            while True:
+                if key is None:
+                    try:
+                        key = self._keys.acquire(exclude=frozenset(attempt.tried))
+                    except NoKeyAvailable as exc:
+                        self._breaker.release(permit)
+                        attempt.permit_done = True
+                        return _no_key_response(exc, retried=bool(attempt.tried))
+                attempt.tried.add(key.alias)
+                call.key_alias = key.alias
+                with self._telemetry.client_span(
+                    call.model, stream=call.stream, server_address=self._upstream.server_address
+                ) as client_span:
+                    call.client_span = client_span
+                    outcome = await self._attempt(request, call, attempt, key)
+                    call.client_span = None
+                if isinstance(outcome, _Retry):
+                    key = outcome.next_key
+                    continue
+                return outcome
+        finally:
+            if not attempt.permit_done:
+                self._breaker.release(permit)
+
+    async def _attempt(
+        self, request: web.Request, call: _Call, attempt: _Attempt, key: Key
+    ) -> web.StreamResponse | _Retry:
+        """One upstream call: exactly one usage record when metered, whatever happens."""
+        headers = request_headers(
+            request.headers,
+            api_key=key.value,
+            default_version=self._default_version,
+            accept_encoding=attempt.accept_encoding,
+        )
+        sent = perf_counter()
+        try:
+            async with asyncio.timeout(self._headers_timeout):
+                upstream = await self._upstream.request(request.method, attempt.path_qs, headers, attempt.body)
+        except TimeoutError:
+            waited = perf_counter() - sent
+            call.upstream_wait += waited
+            self._settle(attempt, failed=True, duration=waited)
+            if attempt.metered:
+                self._record(call, status="error", error_type="timeout_error", http_status=None, request_id=None)
+            return error_response(504, "Anthropic did not answer in time.")
+        except aiohttp.ClientError as exc:
+            waited = perf_counter() - sent
+            call.upstream_wait += waited
+            attempt.connect_failures += 1
+            if attempt.metered:
+                self._record(call, status="error", error_type="api_error", http_status=None, request_id=None)
+            if isinstance(exc, aiohttp.ClientConnectorError) and attempt.connect_failures < self._connect_attempts:
+                attempt.tried.discard(key.alias)
+                return _Retry(key)
+            self._settle(attempt, failed=True, duration=waited)
+            log.warning("upstream unreachable: %s", type(exc).__name__)
+            return error_response(502, "The gateway could not reach Anthropic.")
+        waited = perf_counter() - sent
+        call.upstream_wait += waited
+        status = upstream.status
+        if status in _KEY_TROUBLE:
+            self._report_key_trouble(key, status, upstream.headers.get(_RETRY_AFTER))
+            attempt.key_failures += 1
+            if attempt.key_failures < self._key_attempts:
+                next_key = self._next_key(attempt)
+                if next_key is not None:
+                    answer = await self._drain(upstream, call)
+                    if attempt.metered:
+                        self._record_error_body(call, status, answer, upstream.headers.get(_REQUEST_ID))
+                    return _Retry(next_key)
+        else:
+            self._keys.report_success(key.alias)
+        if status >= 500:
+            self._settle(attempt, failed=True, duration=waited)
+        elif status < 400:
+            self._settle(attempt, failed=False, duration=waited)
+        return await self._relay(request, call, upstream, metered=attempt.metered)
+
+    def _settle(self, attempt: _Attempt, *, failed: bool, duration: float) -> None:
+        if not attempt.permit_done:
+            self._breaker.record(attempt.permit, failed=failed, duration=duration)
+            attempt.permit_done = True
+
+    def _next_key(self, attempt: _Attempt) -> Key | None:
+        try:
+            return self._keys.acquire(exclude=frozenset(attempt.tried))
+        except NoKeyAvailable:
+            return None
+
+    def _report_key_trouble(self, key: Key, status: int, retry_after: str | None) -> None:
+        if status == 429:
+            self._keys.report_rate_limited(key.alias, _seconds(retry_after))
+        else:
+            self._keys.report_rejected(key.alias, status)
+
+    async def _drain(self, upstream: aiohttp.ClientResponse, call: _Call) -> bytes:
+        started = perf_counter()
+        try:
+            async with asyncio.timeout(self._idle_timeout):
+                return await upstream.read()
+        except (TimeoutError, aiohttp.ClientError):
+            return b""
+        finally:
+            call.upstream_wait += perf_counter() - started
+            upstream.release()
+
+    # ------------------------------------------------------------------------------------------- relaying
+
+    async def _relay(
+        self, request: web.Request, call: _Call, upstream: aiohttp.ClientResponse, *, metered: bool
+    ) -> web.StreamResponse:
+        """Send upstream's answer to the client as it arrives; always ends in one record when metered."""
+        status = upstream.status
+        meter = (
+            UsageMeter(stream=call.stream and status < 300, content_encoding=upstream.headers.get(_CONTENT_ENCODING))
+            if metered
+            else None
+        )
+        call.meter = meter
+        request_id = upstream.headers.get(_REQUEST_ID)
+        length = upstream.content_length
+        outcome, error_type = ("success" if status < 400 else "error"), None
+        response: web.StreamResponse
+        try:
+            if length is not None and length <= _MAX_BUFFERED_BODY:
+                response = await self._relay_whole(call, upstream, meter)
+            else:
+                response = await self._relay_stream(request, call, upstream, meter)
+        except _UpstreamBroke as exc:
+            outcome, error_type = "error", exc.error_type
+            log.warning("upstream answer ended abnormally: %s", exc.error_type)
+            if exc.response is None:
+                timed_out = exc.error_type == "timeout_error"
+                response = error_response(
+                    504 if timed_out else 502,
+                    "Anthropic stopped answering in time." if timed_out else "The connection to Anthropic broke.",
+                )
+            else:
+                # The client has part of the answer: end it truncated, as a dropped connection from Anthropic would.
+                if request.transport is not None:
+                    request.transport.abort()
+                response = exc.response
+        except (asyncio.CancelledError, _ClientGone):
+            outcome, error_type = "client_disconnected", None
+            raise
+        finally:
+            upstream.close()  # releases the connection, or closes it mid-stream so Anthropic sees the cancel
+            if meter is not None:
+                meter.finish()
+                if outcome == "success" and meter.error_type is not None:
+                    outcome, error_type = "error", meter.error_type  # `event: error` after the 200
+                elif outcome == "error" and error_type is None:
+                    error_type = meter.error_type or _error_type_for(status)
+                self._record(call, status=outcome, error_type=error_type, http_status=status, request_id=request_id)
+        return response
+
+    async def _relay_whole(
+        self, call: _Call, upstream: aiohttp.ClientResponse, meter: UsageMeter | None
+    ) -> web.StreamResponse:
+        started = perf_counter()
+        try:
+            async with asyncio.timeout(self._idle_timeout):
+                body = await upstream.read()
+        except TimeoutError:
+            raise _UpstreamBroke("timeout_error") from None
+        except aiohttp.ClientError:
+            raise _UpstreamBroke("api_error") from None
+        finally:
+            call.upstream_wait += perf_counter() - started
+        if meter is not None:
+            meter.feed(body)
+        return web.Response(
+            status=upstream.status, body=body, headers=response_headers(upstream.headers, keep_length=False)
+        )
+
+    async def _relay_stream(
+        self, request: web.Request, call: _Call, upstream: aiohttp.ClientResponse, meter: UsageMeter | None
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(
+            status=upstream.status, headers=response_headers(upstream.headers, keep_length=True)
+        )
+        try:
+            await response.prepare(request)
+        except (ConnectionError, aiohttp.ClientConnectionResetError):
+            raise _ClientGone() from None
+        call.response = response
+        watchdog = _IdleWatchdog(self._idle_timeout)
+        content = upstream.content
+        try:
+            while True:
+                waited_from = perf_counter()
+                try:
+                    chunk = await content.readany()
+                except aiohttp.ClientError:
+                    raise _UpstreamBroke("api_error", response) from None
+                finally:
+                    call.upstream_wait += perf_counter() - waited_from
+                if not chunk:
+                    break
+                watchdog.touch()
+                if meter is not None:
+                    meter.feed(chunk)
+                    if call.ttft_ms is None and meter.content_started:
+                        call.ttft_ms = int((perf_counter() - call.started) * 1000)
+                try:
+                    await response.write(chunk)
+                except (ConnectionError, aiohttp.ClientConnectionResetError):
+                    raise _ClientGone() from None
+            await response.write_eof()
+        except (ConnectionError, aiohttp.ClientConnectionResetError):
+            raise _ClientGone() from None
+        except asyncio.CancelledError:
+            if watchdog.fired:
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                raise _UpstreamBroke("timeout_error", response) from None
+            raise
+        finally:
+            watchdog.stop()
+        return response
+
+    # ------------------------------------------------------------------------------------------- records
+
+    def _record_error_body(self, call: _Call, status: int, body: bytes, request_id: str | None) -> None:
+        meter = UsageMeter(stream=False)
+        meter.feed(body)
+        meter.finish()
+        call.meter = meter
+        self._record(call, status="error", error_type=meter.error_type or _error_type_for(status), http_status=status, request_id=request_id)
+
+    def _record(
+        self, call: _Call, *, status: str, error_type: str | None, http_status: int | None, request_id: str | None
+    ) -> None:
+        meter = call.meter
+        trace_id, _ = self._telemetry.trace_ids()
+        now = time.time()
+        record = UsageRecord(
+            subject=call.sub or "",
+            model=(meter.model if meter and meter.model else None) or call.model,
+            message_id=meter.message_id if meter else None,
+            input_tokens=meter.input_tokens if meter else 0,
+            output_tokens=meter.output_tokens if meter else 0,
+            cache_creation_tokens=meter.cache_creation_tokens if meter else 0,
+            cache_read_tokens=meter.cache_read_tokens if meter else 0,
+            latency_ms=int((perf_counter() - call.started) * 1000),
+            stream=call.stream,
+            stop_reason=meter.stop_reason if meter else None,
+            status=status,
+            error_type=error_type,
+            key_alias=call.key_alias,
+            trace_id=trace_id,
+            anthropic_request_id=request_id,
+            http_status=http_status,
+            time_to_first_token_ms=call.ttft_ms,
+            cache_creation_5m_tokens=meter.cache_creation_5m_tokens if meter else None,
+            cache_creation_1h_tokens=meter.cache_creation_1h_tokens if meter else None,
+            web_search_requests=meter.web_search_requests if meter else None,
+            web_fetch_requests=meter.web_fetch_requests if meter else None,
+            service_tier=meter.service_tier if meter else None,
+            claude_code_session_id=call.session_id,
+            event_id=uuid.uuid4().hex,
+            time=_rfc3339_ms(now),
+        )
+        call.records.append(record)
+        call.meter = None
+        self._telemetry.finish_call(call.server_span, call.client_span, record=record, sub=call.sub)
+
+    def _log_access(self, request: web.Request, call: _Call, duration: float, overhead: float) -> None:
+        record = call.records[-1] if call.records else None
+        trace_id, span_id = self._telemetry.trace_ids()
+        access.info(
+            "%s %s %s",
+            request.method,
+            call.route,
+            call.status,
+            extra={
+                "http": {
+                    "method": request.method,
+                    "path": request.path,
+                    "status": call.status,
+                    "latency_ms": round(duration * 1000, 3),
+                    "overhead_ms": round(overhead * 1000, 3),
+                },
+                "trace_id": trace_id,
+                "span_id": span_id,
+                "sub": call.sub,
+                "key_alias": call.key_alias,
+                "model": call.model,
+                "stream": call.stream,
+                "input_tokens": record.input_tokens if record else None,
+                "output_tokens": record.output_tokens if record else None,
+                "cache_creation_tokens": record.cache_creation_tokens if record else None,
+                "cache_read_tokens": record.cache_read_tokens if record else None,
+                "stop_reason": record.stop_reason if record else None,
+                "usage_status": record.status if record else None,
+            },
+        )
+
+
+class _UpstreamBroke(Exception):
+    """Upstream failed after its response had begun (dropped connection or idle timeout)."""
+
+    def __init__(self, error_type: str, response: web.StreamResponse | None = None) -> None:
+        super().__init__(error_type)
+        self.error_type = error_type
+        self.response = response  # set when the client already has part of the answer
+
+
+class _IdleWatchdog:
+    """Cancels the current task when no chunk arrived for ``timeout`` seconds.
+
+    One timer per stream, moved lazily: ``touch`` only stores a number, so a chunk costs no timer churn.
+    """
+
+    __slots__ = ("_handle", "_last", "_loop", "_task", "_timeout", "fired")
+
+    def __init__(self, timeout: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._timeout = timeout
+        self._last = self._loop.time()
+        self.fired = False
+        self._handle: asyncio.TimerHandle | None = self._loop.call_at(self._last + timeout, self._check)
+
+    def touch(self) -> None:
+        self._last = self._loop.time()
+
+    def _check(self) -> None:
+        due = self._last + self._timeout
+        if self._loop.time() >= due:
+            self.fired = True
+            self._handle = None
+            if self._task is not None:
+                self._task.cancel()
+        else:
+            self._handle = self._loop.call_at(due, self._check)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
+def _parse_json_object(body: bytes) -> dict[str, Any] | str:
+    if not body:
+        return "The request body is empty; it must be a JSON object."
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        return f"The request body is not valid JSON: {exc.msg} at position {exc.pos}."
+    if not isinstance(parsed, dict):
+        return "The request body must be a JSON object."
+    return parsed
+
+
+def _no_key_response(exc: NoKeyAvailable, *, retried: bool) -> web.Response:
+    if exc.retry_after is None and not retried:
+        return error_response(503, "The gateway has no usable Anthropic API key configured.")
+    seconds = max(1, math.ceil(exc.retry_after or 1))
+    return error_response(
+        429,
+        "Every Anthropic API key of the gateway is rate limited; retry after the indicated time.",
+        headers={"retry-after": str(seconds)},
+    )
+
+
+def _seconds(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 and math.isfinite(seconds) else None
+
+
+def _error_type_for(status: int) -> str:
+    return {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        402: "billing_error",
+        403: "permission_error",
+        404: "not_found_error",
+        409: "conflict_error",
+        413: "request_too_large",
+        429: "rate_limit_error",
+        500: "api_error",
+        504: "timeout_error",
+        529: "overloaded_error",
+    }.get(status, "api_error" if status >= 500 else "invalid_request_error")
+
+
+def _rfc3339_ms(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+

@@ -1,0 +1,149 @@
+"""Runs Gate and the fake upstream on their own event loops in threads, so tests can be plain clients."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+from gate.app import Gate, serve
+from gate.settings import GateSettings, load_settings
+
+T = TypeVar("T")
+
+
+class BackgroundLoop:
+    """An event loop in a daemon thread; ``run`` executes a coroutine there and waits for its result."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="bg-loop")
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def call(self, fn: Callable[[], T]) -> T:
+        async def wrapper() -> T:
+            return fn()
+
+        return self.run(wrapper())
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def gate_settings(tmp: Path, upstream_url: str, *, profiles: tuple[str, ...] = ("local",), **sections: Any) -> GateSettings:
+    """Settings for a test Gate: two keys, file publisher, everything under ``tmp``; ``sections`` override."""
+    base: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 0, "shutdown": {"drain-timeout": "5s", "flush-timeout": "3s"}},
+        "security": {"jwt": {"dev": {"data-dir": str(tmp / "dev-keys")}}},
+        "anthropic": {
+            "api": {
+                "base-url": upstream_url,
+                "keys": [
+                    {"alias": "primary", "value": "sk-ant-test-primary-0000000000000000"},
+                    {"alias": "secondary", "value": "sk-ant-test-secondary-000000000000000"},
+                ],
+            }
+        },
+        "usage": {
+            "publisher": "file",
+            "file": {"path": str(tmp / "usage.jsonl")},
+            "outbox": {"path": str(tmp / "outbox.sqlite3")},
+        },
+        "observability": {"logging": {"format": "json"}},
+    }
+    _deep_merge(base, sections)
+    return load_settings(profiles=list(profiles), env={}, config_dir=tmp / "no-config", overrides=base)
+
+
+def _deep_merge(target: dict[str, Any], incoming: dict[str, Any]) -> None:
+    for key, value in incoming.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _deep_merge(target[key], value)
+        else:
+            target[key] = value
+
+
+class RunningGate:
+    """One in-process Gate on its own loop and port."""
+
+    def __init__(self, settings: GateSettings) -> None:
+        self.settings = settings
+        self.bg = BackgroundLoop()
+        self.gate: Gate | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self.port = 0
+        self._task: asyncio.Future[None] | None = None
+
+    def start(self) -> RunningGate:
+        sock = socket.socket()
+        sock.bind((self.settings.server.host, 0))
+        self.port = sock.getsockname()[1]
+
+        async def main() -> None:
+            self._stop = asyncio.Event()
+            await serve(
+                self.settings,
+                sock=sock,
+                stop=self._stop,
+                on_gate=self._set_gate,
+                ready=lambda _port: self._ready.set(),
+                handle_signals=False,
+            )
+
+        self._task = asyncio.run_coroutine_threadsafe(main(), self.bg.loop)  # type: ignore[assignment]
+        deadline = time.monotonic() + 20
+        while not self._ready.wait(0.05):
+            if self._task.done():
+                self._task.result()
+            if time.monotonic() > deadline:
+                raise TimeoutError("Gate did not start")
+        return self
+
+    def _set_gate(self, gate: Gate) -> None:
+        self.gate = gate
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self.bg.loop.call_soon_threadsafe(self._stop.set)
+        if self._task is not None:
+            self._task.result(30)
+        self.bg.close()
+
+    def token(self, sub: str = "alice", ttl: float = 3600) -> str:
+        from gate.auth import mint_dev_token
+
+        return mint_dev_token(self.settings, sub, ttl)
+
+
+def read_events(path: Path, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """The CloudEvents written by the file publisher, waiting until at least ``count`` arrived."""
+    deadline = time.monotonic() + timeout
+    events: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        if path.exists():
+            events = [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+            if len(events) >= count:
+                return events
+        time.sleep(0.02)
+    raise AssertionError(f"expected {count} usage events, found {len(events)}")
