@@ -1,0 +1,184 @@
+"""The Anthropic key pool: round-robin selection over the configured keys, skipping keys that are cooling down
+after a 429 or quarantined after a 401/403. Aliases name keys everywhere; values never leave the ``Key``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from gate.settings import ApiKey, KeyHealthSettings
+
+__all__ = ["Key", "KeyPool", "NoKeyAvailable"]
+
+logger = logging.getLogger("gate.keys")
+
+KeyState = Literal["available", "cooling", "quarantined"]
+KeyEvent = Literal["selected", "cooldown", "quarantine", "restored"]
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """One Anthropic API key; ``repr`` and ``str`` show the alias only."""
+
+    alias: str
+    value: str = field(repr=False)
+
+
+class NoKeyAvailable(Exception):
+    """No key can take a call now; ``retry_after``: seconds until one returns, None if none is configured."""
+
+    def __init__(self, retry_after: float | None, reason: str) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+class KeyPool:
+    """Thread- and task-safe round robin over keys; ``acquire`` is cheap enough to run on every request."""
+
+    def __init__(
+        self,
+        keys: Sequence[ApiKey],
+        settings: KeyHealthSettings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        on_event: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self._keys = tuple(Key(key.alias, key.value.get_secret_value()) for key in keys)
+        self._index = {key.alias: i for i, key in enumerate(self._keys)}
+        if len(self._index) != len(self._keys):
+            raise ValueError("key aliases must be unique")
+        self._settings = settings
+        self._clock = clock
+        self._on_event = on_event
+        self._lock = threading.Lock()
+        self._next = 0
+        # Health by key index. ``_out`` counts keys not "available": the healthy path never reads the clock.
+        self._state: list[KeyState] = ["available"] * len(self._keys)
+        self._until = [0.0] * len(self._keys)
+        self._out = 0
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def acquire(self, exclude: frozenset[str] = frozenset()) -> Key:
+        """The next key in turn that is in rotation and not in ``exclude``; else :class:`NoKeyAvailable`."""
+        count = len(self._keys)
+        if count == 0:
+            raise NoKeyAvailable(None, "no Anthropic API key is configured")
+        with self._lock:
+            start = self._next
+            self._next = start + 1 if start + 1 < count else 0
+            if not self._out and not exclude:
+                key: Key | None = self._keys[start]
+                restored: list[str] = []
+                retry_after = 0.0
+            else:
+                key, restored, retry_after = self._select(start, exclude)
+        for alias in restored:
+            self._emit("restored", alias)
+        if key is None:
+            if exclude and retry_after == 0.0:
+                raise NoKeyAvailable(0.0, "every Anthropic API key in rotation has already been tried")
+            reason = f"every Anthropic API key is out of rotation; the first returns in {retry_after:.1f} s"
+            raise NoKeyAvailable(retry_after, reason)
+        self._emit("selected", key.alias)
+        return key
+
+    def report_rate_limited(self, alias: str, retry_after: float | None) -> None:
+        """Upstream answered 429 for ``alias``: rest it ``retry_after`` seconds, or the default cooldown."""
+        settings = self._settings
+        if retry_after is None or math.isnan(retry_after):
+            retry_after = settings.rate_limit_cooldown
+        seconds = min(max(retry_after, 0.0), settings.max_cooldown)
+        if self._take_out(alias, seconds, "cooling"):
+            logger.warning("Anthropic key %r is rate limited; out of rotation for %.1f s", alias, seconds)
+            self._emit("cooldown", alias)
+
+    def report_rejected(self, alias: str, status: int) -> None:
+        """Upstream refused ``alias`` (401/403): quarantine it and raise the alarm, naming the alias only."""
+        seconds = self._settings.quarantine
+        if self._take_out(alias, seconds, "quarantined"):
+            logger.error(
+                "Anthropic rejected key %r with HTTP %d: quarantined for %.0f s; check or replace this key",
+                alias, status, seconds,
+            )
+            self._emit("quarantine", alias)
+
+    def report_success(self, alias: str) -> None:
+        """A call on ``alias`` succeeded. Nothing to do: keys return on their own clock, not on a success."""
+
+    def snapshot(self) -> dict[str, object]:
+        """Pool health for /actuator/health: counts and per-alias state, never a key value."""
+        now = self._clock()
+        with self._lock:
+            states = list(zip(self._keys, self._state, self._until, strict=True))
+        entries: list[dict[str, object]] = []
+        for key, state, until in states:
+            back_in = until - now
+            if state != "available" and back_in <= 0:
+                state = "available"  # due back; the next acquire puts it back in rotation
+            entries.append({
+                "alias": key.alias,
+                "state": state,
+                "availableInSeconds": round(back_in, 3) if state != "available" else 0.0,
+            })
+        available = sum(1 for entry in entries if entry["state"] == "available")
+        return {"count": len(self._keys), "available": available, "keys": entries}
+
+    # ------------------------------------------------------------------------------------------ internals
+
+    def _select(self, start: int, exclude: frozenset[str]) -> tuple[Key | None, list[str], float]:
+        """Under the lock: (key or None, aliases put back in rotation, seconds until the soonest return)."""
+        now = self._clock()
+        count = len(self._keys)
+        restored: list[str] = []
+        soonest = math.inf
+        for step in range(count):
+            i = start + step
+            if i >= count:
+                i -= count
+            key = self._keys[i]
+            if self._state[i] != "available":
+                if self._until[i] > now:
+                    if key.alias not in exclude:
+                        soonest = min(soonest, self._until[i] - now)
+                    continue
+                self._restore(i)
+                restored.append(key.alias)
+            if key.alias not in exclude:
+                return key, restored, 0.0
+        # Every key outside ``exclude`` is out; if every key is excluded, only a retry elsewhere can help now.
+        return None, restored, 0.0 if soonest == math.inf else soonest
+
+    def _restore(self, i: int) -> None:
+        alias, state = self._keys[i].alias, self._state[i]
+        logger.info("Anthropic key %r is back in rotation after being %s", alias, state)
+        self._state[i] = "available"
+        self._until[i] = 0.0
+        self._out -= 1
+
+    def _take_out(self, alias: str, seconds: float, state: KeyState) -> bool:
+        i = self._index.get(alias)
+        if i is None:
+            logger.warning("health report for unknown Anthropic key alias %r ignored", alias)
+            return False
+        until = self._clock() + seconds
+        with self._lock:
+            if self._state[i] == "available":
+                self._out += 1
+                self._state[i], self._until[i] = state, until
+            elif until > self._until[i]:
+                self._state[i], self._until[i] = state, until
+            elif state == "quarantined":
+                self._state[i] = state  # a rejected key is reported as such, for the longer of the two rests
+        return True
+
+    def _emit(self, kind: KeyEvent, alias: str) -> None:
+        if self._on_event is not None:
+            self._on_event(kind, alias)
