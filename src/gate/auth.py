@@ -551,13 +551,16 @@ class Authenticator:
         cache = self._cache
         if cache is None:
             return await self._verify(token)
-        digest = hashlib.blake2b(token.encode("ascii"), digest_size=16).digest()
-        identity = cache.get(digest)
-        if identity is not None:
-            self.cache_hits += 1
+        # The digest, not the token, is the key: no bearer credential sits in the cache. SHA-256 is the
+        # fastest collision-resistant hash here (about 0.6 us for a 500-byte token with SHA-NI).
+        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        try:
+            identity = cache[digest]
+        except KeyError:
+            identity = await self._verify(token)
+            cache[digest] = identity
             return identity
-        identity = await self._verify(token)
-        cache[digest] = identity
+        self.cache_hits += 1
         return identity
 
     def _credentials(self, authorization: str | None, x_api_key: str | None) -> str:
@@ -588,6 +591,10 @@ class Authenticator:
             )
         if len(token) > limit:
             raise AuthError("too_long", f"the token is longer than {limit} bytes")
+        return token
+
+    async def _verify(self, token: str) -> Identity:
+        # The shape check waits for a cache miss: a cached token has passed it already.
         if not _COMPACT_JWS.fullmatch(token):
             hint = (
                 "; an Anthropic API key is not accepted here, use a token from the identity provider"
@@ -596,9 +603,6 @@ class Authenticator:
             )
             message = f"the credential is not a JWT (three base64url parts, dot-joined){hint}"
             raise AuthError("malformed", message)
-        return token
-
-    async def _verify(self, token: str) -> Identity:
         header = _decode_header(token)
         algorithm = header.get("alg")
         if not isinstance(algorithm, str):
