@@ -467,7 +467,7 @@ class Authenticator:
 
     Verified tokens are cached by a digest of the token until their ``exp`` (by ``clock``), so a client
     that sends the same token with every call pays for the signature check once; the cached path does not
-    await anything. Only failures never cache: most of them could flip (a key arriving, a clock moving).
+    await anything. Refusals are never cached: most could flip (a key arriving, the clock moving).
     """
 
     on_refresh: Callable[[bool], None] | None
@@ -483,7 +483,6 @@ class Authenticator:
         self.verifications = 0  # signature checks done (cache misses that got as far as a key)
         self.cache_hits = 0
         self._settings = settings
-        self._dev_auth = dev_auth
         self._clock = clock
         self._leeway = settings.leeway
         self._max_length = settings.max_token_length
