@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import logging
 import math
 import warnings
 from bisect import bisect_left
@@ -16,6 +17,7 @@ import pytest
 from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from multidict import CIMultiDict, CIMultiDictProxy
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader, Metric
@@ -25,7 +27,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client.parser import text_string_to_metric_families
 
 from gate.settings import ObservabilitySettings
-from gate.telemetry import OVERHEAD_BUCKETS, Telemetry, _Histogram
+from gate.telemetry import OVERHEAD_BUCKETS, Telemetry, _Histogram, _otlp_wanted
 from gate.usage import UsageRecord
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
@@ -179,6 +181,27 @@ def test_traceparent_from_the_client_is_honoured(harness: Harness) -> None:
     assert server.parent is not None and _hex(server.parent.span_id, 16) == PARENT_SPAN_ID
     assert server.parent.is_remote
     assert span_id == _hex(server.context.span_id, 16)
+
+
+@pytest.mark.parametrize("exporter", [True, False], ids=["recording", "ids-only"])
+def test_traceparent_is_found_in_case_insensitive_aiohttp_headers(exporter: bool) -> None:
+    h = Harness(exporter=exporter)
+    with h.tel.server_span("POST", ROUTE, CIMultiDictProxy(CIMultiDict({"Traceparent": TRACEPARENT}))):
+        assert h.tel.trace_ids()[0] == TRACE_ID
+    h.tel._shutdown_sync()
+
+
+def test_a_malformed_traceparent_starts_a_new_trace() -> None:
+    h = Harness(exporter=False)
+    for bad in (
+        TRACEPARENT.upper(),
+        f"ff-{TRACE_ID}-{PARENT_SPAN_ID}-01",
+        f"00-{'0' * 32}-{PARENT_SPAN_ID}-01",
+        "x",
+    ):
+        with h.tel.server_span("POST", ROUTE, {"traceparent": bad}):
+            trace_id = h.tel.trace_ids()[0]
+        assert trace_id is not None and trace_id not in (TRACE_ID, "0" * 32)
 
 
 def test_trace_ids_outside_any_span(harness: Harness) -> None:
@@ -761,6 +784,16 @@ async def test_signal_specific_endpoint_and_exporter_none(
     assert [
         s.name for r in receiver.traces for rs in r.resource_spans for ss in rs.scope_spans for s in ss.spans
     ] == ["GET /actuator/health"]
+
+
+async def test_a_grpc_protocol_setting_is_named_not_obeyed(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    with caplog.at_level(logging.WARNING, logger="gate.telemetry"):
+        assert _otlp_wanted("TRACES")  # (a whole Telemetry would flush to a port where nothing listens)
+    assert "http/protobuf" in caplog.text and "grpc" in caplog.text
 
 
 async def test_shutdown_twice_is_harmless() -> None:

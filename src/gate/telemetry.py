@@ -7,6 +7,7 @@ Configured by ``observability`` settings plus the standard ``OTEL_*`` variables;
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 import random
@@ -96,6 +97,7 @@ CARDINALITY_LIMIT: Final = 2000
 _OVERFLOW: Final = (("otel.metric.overflow", True),)
 _CACHE_LIMIT: Final = 4096
 
+_log = logging.getLogger(__name__)
 _PROPAGATOR: Final = TraceContextTextMapPropagator()
 _TRACEPARENT: Final = re.compile(r"(?!ff)[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
 
@@ -117,7 +119,19 @@ def _otlp_wanted(signal: str) -> bool:
     endpoint = os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT") or os.environ.get(
         "OTEL_EXPORTER_OTLP_ENDPOINT"
     )
-    return bool(endpoint and endpoint.strip())
+    if not (endpoint and endpoint.strip()):
+        return False
+    protocol = os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
+    )
+    if protocol.strip() != "http/protobuf":
+        _log.warning(
+            "OTLP %s go out over http/protobuf, the one protocol Gate ships: OTEL_EXPORTER_OTLP_PROTOCOL=%s "
+            "is ignored (point the endpoint at the collector's HTTP port, usually 4318)",
+            signal.lower(),
+            protocol,
+        )
+    return True
 
 
 def _resource(service_version: str) -> Resource:
@@ -319,7 +333,11 @@ class _ActiveSpan:
 
 
 class Telemetry:
-    """Spans and instruments for one Gate app. Hot-path methods do nothing costly when their signal is off."""
+    """Spans and instruments for one Gate app. Hot-path methods do nothing costly when their signal is off.
+
+    Metrics are recorded without locks: call the recording methods from the event loop's thread. Collection
+    (a scrape, the OTLP exporter's thread) may run on any thread.
+    """
 
     def __init__(
         self,
