@@ -298,7 +298,7 @@ class Relay:
                 if next_key is not None:
                     answer = await self._drain(upstream, call)
                     if attempt.metered:
-                        self._record_error_body(call, status, answer, upstream.headers.get(_REQUEST_ID))
+                        self._record_error_body(call, status, answer, upstream.headers)
                     return _Retry(next_key)
         else:
             self._keys.report_success(key.alias)
@@ -454,12 +454,18 @@ class Relay:
 
     # ------------------------------------------------------------------------------------------- records
 
-    def _record_error_body(self, call: _Call, status: int, body: bytes, request_id: str | None) -> None:
-        meter = UsageMeter(stream=False)
+    def _record_error_body(self, call: _Call, status: int, body: bytes, headers: Any) -> None:
+        meter = UsageMeter(stream=False, content_encoding=headers.get(_CONTENT_ENCODING))
         meter.feed(body)
         meter.finish()
         call.meter = meter
-        self._record(call, status="error", error_type=meter.error_type or _error_type_for(status), http_status=status, request_id=request_id)
+        self._record(
+            call,
+            status="error",
+            error_type=meter.error_type or _error_type_for(status),
+            http_status=status,
+            request_id=headers.get(_REQUEST_ID),
+        )
 
     def _record(
         self, call: _Call, *, status: str, error_type: str | None, http_status: int | None, request_id: str | None
