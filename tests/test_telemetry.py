@@ -268,6 +268,23 @@ def test_upstream_error_marks_the_client_span(harness: Harness) -> None:
     assert client.attributes is not None and client.attributes["error.type"] == "overloaded_error"
     assert "gen_ai.response.finish_reasons" not in client.attributes
     assert server.status.status_code is StatusCode.ERROR  # a 5xx answer is a server error
+    assert server.attributes is not None and server.attributes["error.type"] == "529"
+
+
+def test_request_status_goes_on_the_server_span_only(harness: Harness) -> None:
+    with (
+        harness.tel.server_span("POST", ROUTE, {}),
+        harness.tel.client_span(MODEL, stream=False, server_address="x"),
+    ):
+        harness.tel.record_request(method="POST", route=ROUTE, status=404, duration=0.1, overhead=0.1)
+    spans = harness.finished()
+    assert "http.response.status_code" not in (spans[f"chat {MODEL}"].attributes or {})
+    assert (spans[f"POST {ROUTE}"].attributes or {}).get("http.response.status_code") is None
+    with harness.tel.server_span("POST", ROUTE, {}):
+        harness.tel.record_request(method="POST", route=ROUTE, status=404, duration=0.1, overhead=0.1)
+    last = harness.spans.get_finished_spans()[-1]
+    assert last.attributes is not None and last.attributes["http.response.status_code"] == 404
+    assert last.status.status_code is StatusCode.UNSET  # a 4xx is the client's error, not the server's
 
 
 def test_no_secret_reaches_any_span(harness: Harness) -> None:

@@ -606,9 +606,10 @@ class Telemetry:
         """
         if self._tracer is not None:
             span = trace.get_current_span()
-            if span.is_recording():
+            if span.is_recording() and getattr(span, "kind", None) is SpanKind.SERVER:
                 span.set_attribute("http.response.status_code", status)
                 if status >= 500:
+                    span.set_attribute("error.type", str(status))
                     span.set_status(Status(StatusCode.ERROR))
         if not self.metrics_enabled:
             return
