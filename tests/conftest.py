@@ -38,8 +38,12 @@ def start_gate(tmp_path: Path, fake_session: FakeAnthropic) -> Iterator[Callable
     """``start_gate(**sections)`` runs a Gate against the fake; stopped at the end of the test."""
     started: list[RunningGate] = []
 
-    def start(upstream_url: str | None = None, profiles: tuple[str, ...] = ("local",), **sections: Any) -> RunningGate:
-        settings = gate_settings(tmp_path / f"gate{len(started)}", upstream_url or fake_session.url, profiles=profiles, **sections)
+    def start(
+        upstream_url: str | None = None, profiles: tuple[str, ...] = ("local",), **sections: Any
+    ) -> RunningGate:
+        settings = gate_settings(
+            tmp_path / f"gate{len(started)}", upstream_url or fake_session.url, profiles=profiles, **sections
+        )
         running = RunningGate(settings).start()
         started.append(running)
         return running
@@ -50,7 +54,9 @@ def start_gate(tmp_path: Path, fake_session: FakeAnthropic) -> Iterator[Callable
 
 
 @pytest.fixture(scope="module")
-def module_gate(tmp_path_factory: pytest.TempPathFactory, fake_session: FakeAnthropic) -> Iterator[RunningGate]:
+def module_gate(
+    tmp_path_factory: pytest.TempPathFactory, fake_session: FakeAnthropic
+) -> Iterator[RunningGate]:
     settings = gate_settings(tmp_path_factory.mktemp("gate"), fake_session.url)
     running = RunningGate(settings).start()
     yield running

@@ -94,7 +94,9 @@ class FakeAnthropic:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        self.received.append(Received(request.method, request.rel_url.raw_path_qs, CIMultiDict(request.headers), body))
+        self.received.append(
+            Received(request.method, request.rel_url.raw_path_qs, CIMultiDict(request.headers), body)
+        )
         self._counter += 1
         reply = self.script.popleft() if self.script else self._default(request, body)
         try:
@@ -109,16 +111,31 @@ class FakeAnthropic:
             if path == "/v1/models":
                 data = {
                     "data": [
-                        {"type": "model", "id": "claude-opus-4-6", "display_name": "Claude Opus 4.6",
-                         "created_at": "2026-02-04T00:00:00Z"},
-                        {"type": "model", "id": "claude-haiku-4-5", "display_name": "Claude Haiku 4.5",
-                         "created_at": "2025-10-15T00:00:00Z"},
+                        {
+                            "type": "model",
+                            "id": "claude-opus-4-6",
+                            "display_name": "Claude Opus 4.6",
+                            "created_at": "2026-02-04T00:00:00Z",
+                        },
+                        {
+                            "type": "model",
+                            "id": "claude-haiku-4-5",
+                            "display_name": "Claude Haiku 4.5",
+                            "created_at": "2025-10-15T00:00:00Z",
+                        },
                     ],
-                    "has_more": False, "first_id": "claude-opus-4-6", "last_id": "claude-haiku-4-5",
+                    "has_more": False,
+                    "first_id": "claude-opus-4-6",
+                    "last_id": "claude-haiku-4-5",
                 }
             else:
                 model_id = path.rsplit("/", 1)[-1]
-                data = {"type": "model", "id": model_id, "display_name": model_id, "created_at": "2026-02-04T00:00:00Z"}
+                data = {
+                    "type": "model",
+                    "id": model_id,
+                    "display_name": model_id,
+                    "created_at": "2026-02-04T00:00:00Z",
+                }
             return Reply(body=json.dumps(data).encode(), stream=False)
         if path == "/v1/messages/count_tokens":
             return Reply(body=b'{"input_tokens":14}', stream=False)
@@ -190,4 +207,3 @@ def _cut(payload: bytes, cuts: list[int] | None) -> list[bytes]:
     if at < len(payload):
         pieces.append(payload[at:])
     return [p for p in pieces if p]
-

@@ -46,10 +46,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def gate_settings(tmp: Path, upstream_url: str, *, profiles: tuple[str, ...] = ("local",), **sections: Any) -> GateSettings:
+def gate_settings(
+    tmp: Path, upstream_url: str, *, profiles: tuple[str, ...] = ("local",), **sections: Any
+) -> GateSettings:
     """Settings for a test Gate: two keys, file publisher, everything under ``tmp``; ``sections`` override."""
     base: dict[str, Any] = {
-        "server": {"host": "127.0.0.1", "port": 0, "shutdown": {"drain-timeout": "5s", "flush-timeout": "3s"}},
+        "server": {
+            "host": "127.0.0.1",
+            "port": 0,
+            "shutdown": {"drain-timeout": "5s", "flush-timeout": "3s"},
+        },
         "security": {"jwt": {"dev": {"data-dir": str(tmp / "dev-keys")}}},
         "anthropic": {
             "api": {

@@ -29,14 +29,19 @@ def claude_binary() -> Path:
     CACHE.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(
         [npm, "install", "--no-audit", "--no-fund", "--prefix", str(CACHE), "@anthropic-ai/claude-code"],
-        capture_output=True, text=True, timeout=600, check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     if result.returncode != 0 or not binary.exists():
         pytest.fail(f"npm install @anthropic-ai/claude-code failed: {result.stderr[-2000:]}")
     return binary
 
 
-def run_claude(gate: RunningGate, tmp_path: Path, env_extra: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def run_claude(
+    gate: RunningGate, tmp_path: Path, env_extra: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
     env = {
@@ -50,12 +55,19 @@ def run_claude(gate: RunningGate, tmp_path: Path, env_extra: dict[str, str]) -> 
     }
     return subprocess.run(
         [str(claude_binary()), "-p", "say hi", "--allowedTools", ""],
-        capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path, check=False,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        cwd=tmp_path,
+        check=False,
     )
 
 
 @pytest.mark.parametrize("credential", ["ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_API_KEY"])
-def test_claude_code_answers_through_gate(start_gate, fake: FakeAnthropic, tmp_path: Path, credential: str) -> None:  # type: ignore[no-untyped-def]
+def test_claude_code_answers_through_gate(
+    start_gate, fake: FakeAnthropic, tmp_path: Path, credential: str
+) -> None:  # type: ignore[no-untyped-def]
     gate = start_gate()
     result = run_claude(gate, tmp_path, {credential: gate.token("claude-user")})
     assert result.returncode == 0, f"claude failed: {result.stdout[-2000:]} {result.stderr[-2000:]}"

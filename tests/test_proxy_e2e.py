@@ -24,8 +24,14 @@ def events_path(gate: RunningGate) -> Path:
     return Path(gate.settings.usage.file.path)
 
 
-def raw_post(gate: RunningGate, body: bytes, headers: dict[str, str] | None = None, path: str = "/v1/messages") -> httpx.Response:
-    all_headers = {"authorization": f"Bearer {gate.token()}", "content-type": "application/json", **(headers or {})}
+def raw_post(
+    gate: RunningGate, body: bytes, headers: dict[str, str] | None = None, path: str = "/v1/messages"
+) -> httpx.Response:
+    all_headers = {
+        "authorization": f"Bearer {gate.token()}",
+        "content-type": "application/json",
+        **(headers or {}),
+    }
     return httpx.post(gate.url + path, content=body, headers=all_headers, timeout=10)
 
 
@@ -58,11 +64,18 @@ def test_stream_true_and_stream_helper(module_gate: RunningGate, fake: FakeAnthr
 
 @pytest.mark.parametrize("name", ["stream-basic.sse", "stream-tool-use.sse", "stream-web-search-usage.sse"])
 @pytest.mark.parametrize("cuts", [None, [1] * 64, [3, 500, 17, 1, 1, 2048]])
-def test_streamed_bytes_equal_upstream_bytes(module_gate: RunningGate, fake: FakeAnthropic, name: str, cuts: list[int] | None) -> None:
+def test_streamed_bytes_equal_upstream_bytes(
+    module_gate: RunningGate, fake: FakeAnthropic, name: str, cuts: list[int] | None
+) -> None:
     fake.enqueue(Reply(fixture=name, cuts=cuts))
     body = json.dumps({**MESSAGE, "stream": True}).encode()
-    with httpx.stream("POST", module_gate.url + "/v1/messages", content=body, timeout=10,
-                      headers={"authorization": f"Bearer {module_gate.token()}", "content-type": "application/json"}) as response:
+    with httpx.stream(
+        "POST",
+        module_gate.url + "/v1/messages",
+        content=body,
+        timeout=10,
+        headers={"authorization": f"Bearer {module_gate.token()}", "content-type": "application/json"},
+    ) as response:
         received = b"".join(response.iter_raw())
         assert response.headers["content-type"].startswith("text/event-stream")
         assert response.headers["request-id"].startswith("req_fake_")
@@ -78,7 +91,9 @@ def test_count_tokens_and_models(module_gate: RunningGate, fake: FakeAnthropic) 
     model = sdk.models.retrieve("claude-haiku-4-5")
     assert model.id == "claude-haiku-4-5"
     assert [r.path_qs.split("?")[0] for r in fake.received] == [
-        "/v1/messages/count_tokens", "/v1/models", "/v1/models/claude-haiku-4-5"
+        "/v1/messages/count_tokens",
+        "/v1/models",
+        "/v1/models/claude-haiku-4-5",
     ]
 
 
@@ -163,15 +178,25 @@ def test_upstream_errors_reach_the_sdk_unchanged(
     error = caught.value
     assert isinstance(error, anthropic.APIStatusError)
     assert error.status_code == status
-    assert error.body == {"type": "error", "error": {"type": error_type, "message": f"upstream says {error_type}"}, "request_id": "req_error_1"}
+    assert error.body == {
+        "type": "error",
+        "error": {"type": error_type, "message": f"upstream says {error_type}"},
+        "request_id": "req_error_1",
+    }
     assert error.response.headers["x-should-retry"] == "false"
     assert "x-gate-error" not in error.response.headers
 
 
-def test_upstream_429_passes_through_when_every_key_is_limited(module_gate: RunningGate, fake: FakeAnthropic) -> None:
+def test_upstream_429_passes_through_when_every_key_is_limited(
+    module_gate: RunningGate, fake: FakeAnthropic
+) -> None:
     fake.enqueue(
-        error_reply(429, "rate_limit_error", "Number of requests has exceeded your rate limit", {"retry-after": "1"}),
-        error_reply(429, "rate_limit_error", "Number of requests has exceeded your rate limit", {"retry-after": "1"}),
+        error_reply(
+            429, "rate_limit_error", "Number of requests has exceeded your rate limit", {"retry-after": "1"}
+        ),
+        error_reply(
+            429, "rate_limit_error", "Number of requests has exceeded your rate limit", {"retry-after": "1"}
+        ),
     )
     with pytest.raises(anthropic.RateLimitError) as caught:
         client(module_gate).messages.create(**MESSAGE)  # type: ignore[call-overload]
@@ -196,8 +221,12 @@ def test_oversized_body_is_413(start_gate, fake: FakeAnthropic) -> None:  # type
     assert response.json()["error"]["type"] == "request_too_large"
     # a chunked body without a length is held to the same limit
     chunks = iter([b'{"model":"m","pad":"', b"x" * 4000, b'"}'])
-    response = httpx.post(gate.url + "/v1/messages", content=chunks, timeout=10,
-                          headers={"authorization": f"Bearer {gate.token()}", "content-type": "application/json"})
+    response = httpx.post(
+        gate.url + "/v1/messages",
+        content=chunks,
+        timeout=10,
+        headers={"authorization": f"Bearer {gate.token()}", "content-type": "application/json"},
+    )
     assert response.status_code == 413
     assert fake.received == []
 
@@ -207,7 +236,10 @@ def test_unknown_paths_and_root_probe(module_gate: RunningGate, fake: FakeAnthro
     assert httpx.get(module_gate.url + "/").status_code == 200
     response = httpx.get(module_gate.url + "/v2/whatever")
     assert response.status_code == 404
-    assert response.json() == {"type": "error", "error": {"type": "not_found_error", "message": "Not found: GET /v2/whatever"}}
+    assert response.json() == {
+        "type": "error",
+        "error": {"type": "not_found_error", "message": "Not found: GET /v2/whatever"},
+    }
     response = httpx.get(module_gate.url + "/v1/messages")
     assert response.status_code == 405 and response.json()["error"]["type"] == "invalid_request_error"
 
@@ -236,8 +268,13 @@ def test_gzip_answer_passes_through_and_is_metered(start_gate, fake: FakeAnthrop
     gate = start_gate()
     fake.enqueue(Reply(fixture="stream-tool-use.sse", gzip=True, stream=True, cuts=[5, 9, 100]))
     body = json.dumps({**MESSAGE, "stream": True}).encode()
-    with httpx.stream("POST", gate.url + "/v1/messages", content=body, timeout=10,
-                      headers={"authorization": f"Bearer {gate.token()}", "accept-encoding": "gzip, br, zstd"}) as response:
+    with httpx.stream(
+        "POST",
+        gate.url + "/v1/messages",
+        content=body,
+        timeout=10,
+        headers={"authorization": f"Bearer {gate.token()}", "accept-encoding": "gzip, br, zstd"},
+    ) as response:
         assert response.headers["content-encoding"] == "gzip"
         assert b"".join(response.iter_bytes()) == fixture("stream-tool-use.sse")
     assert "zstd" not in fake.received[-1].headers["accept-encoding"]

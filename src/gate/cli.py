@@ -16,20 +16,32 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gate", description="Enterprise gateway for Anthropic's Messages API.")
+    parser = argparse.ArgumentParser(
+        prog="gate", description="Enterprise gateway for Anthropic's Messages API."
+    )
     parser.add_argument("--version", action="version", version=f"gate {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML file; repeatable, later wins")
-        sub.add_argument("--profile", action="append", default=[], metavar="NAME", help="active profile; repeatable (default: $GATE_PROFILES or local)")
+        sub.add_argument(
+            "--config", action="append", default=[], metavar="FILE", help="YAML file; repeatable, later wins"
+        )
+        sub.add_argument(
+            "--profile",
+            action="append",
+            default=[],
+            metavar="NAME",
+            help="active profile; repeatable (default: $GATE_PROFILES or local)",
+        )
 
     serve = commands.add_parser("serve", help="run the gateway")
     with_config(serve)
     serve.add_argument("--host", help="listen address (server.host)")
     serve.add_argument("--port", type=int, help="listen port (server.port)")
     serve.add_argument("--workers", type=int, help="processes sharing the port (server.workers)")
-    serve.add_argument("--log-format", choices=("json", "console"), help="log format (observability.logging.format)")
+    serve.add_argument(
+        "--log-format", choices=("json", "console"), help="log format (observability.logging.format)"
+    )
 
     config = commands.add_parser("config", help="print the effective configuration, secrets masked")
     with_config(config)
@@ -76,7 +88,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = _load(args, overrides)
 
     from gate.app import run
-    from gate.telemetry import configure_logging
+    from gate.logs import configure_logging
 
     logging_settings = settings.observability.logging
     configure_logging(logging_settings.format, logging_settings.level)

@@ -8,6 +8,7 @@ its literal property name. ``NAME_FILE`` reads the value from a file (Kubernetes
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -46,7 +47,13 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|ms|s|m|h|d)?\s*$", re.IGNO
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(b|kb|mb|gb|kib|mib|gib)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {
-    "b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3,
+    "b": 1,
+    "kb": 1024,
+    "mb": 1024**2,
+    "gb": 1024**3,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
 }
 
 
@@ -237,6 +244,7 @@ class PubSubSettings(_Section):
     project_id: str = "gate-local"
     emulator_host: str | None = None  # else PUBSUB_EMULATOR_HOST, else Google's endpoint
     create_topic: bool = False
+    publish_timeout: Duration = 10.0  # the client retries transient errors this long; then the outbox retries
 
 
 class FileSinkSettings(_Section):
@@ -308,8 +316,8 @@ class GateSettings(_Section):
 
     def masked(self) -> dict[str, Any]:
         """The effective configuration as plain data, every secret replaced by ``******``."""
-        data = self.model_dump(mode="json", by_alias=True, exclude={"sources"})
-        return _mask(data)
+        data: dict[str, Any] = _mask(self.model_dump(mode="json", by_alias=True, exclude={"sources"}))
+        return data
 
 
 _SECRET_NAMES = re.compile(r"(^|-)(value|password|secret|token|url)$")
@@ -464,7 +472,7 @@ def _section_item(ann: Any) -> type[BaseModel] | None:
 
 def _env_overrides(env: Mapping[str, str]) -> list[tuple[tuple[str | int, ...], str, str]]:
     """(path, value, variable) for every variable that names a known property."""
-    simple: dict[str, tuple[str | int, ...]] = {}
+    simple: dict[str, tuple[str | int, ...]] = {}  # env name or dotted name -> property path
     lists: list[tuple[tuple[str, ...], type[BaseModel]]] = []
     for path, is_list in _schema_leaves(GateSettings):
         if is_list:
@@ -479,9 +487,9 @@ def _env_overrides(env: Mapping[str, str]) -> list[tuple[tuple[str | int, ...], 
         name, value = var, raw
         if var.endswith("_FILE") and (var[:-5] in simple or _list_path(var[:-5], lists)):
             name, value = var[:-5], _read_secret_file(raw, f"environment variable {var}")
-        path = simple.get(name) or _list_path(name, lists)
-        if path is not None:
-            found.append((path, value, var))
+        target: tuple[str | int, ...] | None = simple.get(name) or _list_path(name, lists)
+        if target is not None:
+            found.append((target, value, var))
     return sorted(found, key=lambda item: item[2])
 
 
@@ -518,7 +526,7 @@ def _list_path(var: str, lists: list[tuple[tuple[str, ...], type[BaseModel]]]) -
 
 def _set_path(data: dict[str, Any], path: tuple[str | int, ...], value: Any) -> None:
     node: Any = data
-    for part, nxt in zip(path, path[1:], strict=False):
+    for part, nxt in itertools.pairwise(path):
         if isinstance(part, int):
             while len(node) <= part:
                 node.append({})
