@@ -145,9 +145,7 @@ def exported_sample_names() -> set[str]:
     tel.set_usage_source(Usage())
     body, _ = tel.prometheus()
     tel._shutdown_sync()
-    return {
-        sample.name for family in text_string_to_metric_families(body.decode()) for sample in family.samples
-    }
+    return {sample.name for family in text_string_to_metric_families(body.decode()) for sample in family.samples}
 
 
 def test_dashboard_queries_only_metrics_gate_exports() -> None:

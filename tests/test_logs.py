@@ -20,9 +20,7 @@ from gate.logs import access_log, configure_logging, redact
 
 API_KEY = "sk-ant-api03-" + "Zq9XwV7u" * 11 + "-Ab_cAA"
 KEY_BODY = "Zq9XwV7u"
-TOKEN = jwt.encode(
-    {"sub": "alice", "exp": 4102444800}, "test-secret-for-jwt-at-least-32-bytes", algorithm="HS256"
-)
+TOKEN = jwt.encode({"sub": "alice", "exp": 4102444800}, "test-secret-for-jwt-at-least-32-bytes", algorithm="HS256")
 TOKEN_SIGNATURE = TOKEN.rsplit(".", 1)[1]
 RFC3339_MS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
 
@@ -35,10 +33,7 @@ def configure() -> Iterator[Configure]:
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     access_level = logging.getLogger("gate.access").level
-    knobs = {
-        name: getattr(logging, name)
-        for name in ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing")
-    }
+    knobs = {name: getattr(logging, name) for name in ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing")}
 
     def setup(fmt: str) -> io.StringIO:
         buffer = io.StringIO()
@@ -84,9 +79,7 @@ def test_secrets_in_the_message_are_masked(configure: Configure, fmt: str) -> No
 def test_secrets_in_percent_args_are_masked(configure: Configure, fmt: str) -> None:
     out = configure(fmt)
     logging.getLogger("gate.keys").warning("key %s rejected for %s (%d)", API_KEY, TOKEN, 401)
-    logging.getLogger("gate.keys").warning(
-        "headers: %r", {"Authorization": f"Bearer {TOKEN}", "x-api-key": API_KEY}
-    )
+    logging.getLogger("gate.keys").warning("headers: %r", {"Authorization": f"Bearer {TOKEN}", "x-api-key": API_KEY})
     text = out.getvalue()
     assert_clean(text)
     assert "(401)" in text
@@ -175,9 +168,7 @@ def test_unformattable_args_neither_raise_nor_leak(configure: Configure, fmt: st
 
 def test_json_lines_carry_time_level_logger_message_and_extras(configure: Configure) -> None:
     out = configure("json")
-    logging.getLogger("gate.events").warning(
-        "outbox at %d%%", 80, extra={"depth": 800_000, "sink": "rabbitmq"}
-    )
+    logging.getLogger("gate.events").warning("outbox at %d%%", 80, extra={"depth": 800_000, "sink": "rabbitmq"})
     (line,) = json_lines(out)
     assert RFC3339_MS.match(str(line["time"]))
     assert line["level"] == "WARNING" and line["logger"] == "gate.events"
@@ -203,9 +194,7 @@ def test_console_lines_are_readable(configure: Configure) -> None:
     with trace.use_span(NonRecordingSpan(context)):
         logging.getLogger("gate.relay").info("upstream answered %d", 200, extra={"key_alias": "primary"})
     (line,) = lines(out)
-    assert re.match(
-        r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z INFO +gate\.relay: upstream answered 200 ", line
-    )
+    assert re.match(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z INFO +gate\.relay: upstream answered 200 ", line)
     assert "key_alias=primary" in line
     assert line.endswith("[0af7651916cd43dd8448eb211c80319c b7ad6b7169203331]")
 
@@ -263,9 +252,7 @@ def test_configuring_twice_keeps_one_gate_handler(configure: Configure) -> None:
 # ---------------------------------------------------------------------------------------------- redact()
 
 KEY_CHARS = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-", min_size=16)
-B64 = st.text(
-    alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-", min_size=8, max_size=60
-)
+B64 = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-", min_size=8, max_size=60)
 SURROUNDING = st.text(max_size=40)
 
 
@@ -277,9 +264,7 @@ def test_redact_masks_any_key(before: str, body: str, after: str) -> None:
 
 
 @given(SURROUNDING, B64, B64, B64, SURROUNDING)
-def test_redact_masks_any_jwt_shape(
-    before: str, header: str, payload: str, signature: str, after: str
-) -> None:
+def test_redact_masks_any_jwt_shape(before: str, header: str, payload: str, signature: str, after: str) -> None:
     token = f"eyJ{header}.{payload}.{signature}"
     masked = redact(f"{before} {token} {after}")
     assert token not in masked

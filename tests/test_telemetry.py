@@ -34,9 +34,7 @@ TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 PARENT_SPAN_ID = "b7ad6b7169203331"
 TRACEPARENT = f"00-{TRACE_ID}-{PARENT_SPAN_ID}-01"
 API_KEY = "sk-ant-api03-" + "A1b2C3d4" * 10 + "-xyzAA"
-TOKEN = jwt.encode(
-    {"sub": "alice", "aud": "gate"}, "a-test-secret-that-is-long-enough-123", algorithm="HS256"
-)
+TOKEN = jwt.encode({"sub": "alice", "aud": "gate"}, "a-test-secret-that-is-long-enough-123", algorithm="HS256")
 SECRET_MARKERS = ("sk-ant-", "eyJ", "Bearer", "A1b2C3d4", "a-test-secret")
 
 ROUTE = "/v1/messages"
@@ -117,9 +115,7 @@ class Harness:
                 tel.on_key_event("selected", rec.key_alias or "primary")
                 with tel.client_span(MODEL, stream=rec.stream, server_address="api.anthropic.com") as client:
                     tel.finish_call(server, client, record=rec, sub=sub)
-            tel.record_request(
-                method="POST", route=ROUTE, status=status, duration=0.9, overhead=0.00012, sub=sub
-            )
+            tel.record_request(method="POST", route=ROUTE, status=status, duration=0.9, overhead=0.00012, sub=sub)
         return server, client
 
     def finished(self) -> dict[str, ReadableSpan]:
@@ -459,15 +455,11 @@ def test_request_duration_and_overhead(harness: Harness) -> None:
     metrics = harness.metrics()
     duration = by_attrs(metrics["http.server.request.duration"])
     ok = duration[
-        frozenset(
-            {("http.request.method", "POST"), ("http.route", ROUTE), ("http.response.status_code", 200)}
-        )
+        frozenset({("http.request.method", "POST"), ("http.route", ROUTE), ("http.response.status_code", 200)})
     ]
     assert (ok.count, ok.sum) == (1, 0.9)
     denied = duration[
-        frozenset(
-            {("http.request.method", "POST"), ("http.route", ROUTE), ("http.response.status_code", 401)}
-        )
+        frozenset({("http.request.method", "POST"), ("http.route", ROUTE), ("http.response.status_code", 401)})
     ]
     assert denied.count == 1 and denied.bucket_counts[0] == 1  # 0.4 ms is under the first bound (1 ms)
     overhead = by_attrs(metrics["gate.overhead.duration"])[frozenset({("http.route", ROUTE)})]
@@ -798,9 +790,9 @@ async def test_signal_specific_endpoint_and_exporter_none(
     tel.record_request(method="GET", route="/actuator/health", status=200, duration=0.001, overhead=0.001)
     await tel.shutdown()
     assert receiver.paths == ["/custom/v1/traces"]
-    assert [
-        s.name for r in receiver.traces for rs in r.resource_spans for ss in rs.scope_spans for s in ss.spans
-    ] == ["GET /actuator/health"]
+    assert [s.name for r in receiver.traces for rs in r.resource_spans for ss in rs.scope_spans for s in ss.spans] == [
+        "GET /actuator/health"
+    ]
 
 
 async def test_a_grpc_protocol_setting_is_named_not_obeyed(

@@ -187,9 +187,7 @@ class ConsoleFormatter(logging.Formatter):
         self._clock = _Clock()
 
     def format(self, record: logging.LogRecord) -> str:
-        parts = [
-            f"{self._clock.format(record.created)} {record.levelname:<7} {record.name}: {record.getMessage()}"
-        ]
+        parts = [f"{self._clock.format(record.created)} {record.levelname:<7} {record.name}: {record.getMessage()}"]
         parts.extend(f"{key}={value}" for key, value in sorted(_extras(record).items()))
         trace_id, span_id = _trace_ids(record)
         if trace_id:

@@ -116,9 +116,7 @@ def _otlp_wanted(signal: str) -> bool:
     exporters = os.environ.get(f"OTEL_{signal}_EXPORTER", "otlp").strip().lower()
     if "otlp" not in {name.strip() for name in exporters.split(",")}:
         return False
-    endpoint = os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT") or os.environ.get(
-        "OTEL_EXPORTER_OTLP_ENDPOINT"
-    )
+    endpoint = os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     if not (endpoint and endpoint.strip()):
         return False
     protocol = os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL") or os.environ.get(
@@ -216,9 +214,7 @@ class _Histogram:
                     max=point.high,
                 )
             )
-        return Metric(
-            self.name, self.description, self.unit, Histogram(data, AggregationTemporality.CUMULATIVE)
-        )
+        return Metric(self.name, self.description, self.unit, Histogram(data, AggregationTemporality.CUMULATIVE))
 
 
 class _Counter:
@@ -242,14 +238,10 @@ class _Counter:
         if not points:
             return None
         data = [NumberDataPoint(dict(attrs), self.start, now, value) for attrs, value in points]
-        return Metric(
-            self.name, self.description, self.unit, Sum(data, AggregationTemporality.CUMULATIVE, True)
-        )
+        return Metric(self.name, self.description, self.unit, Sum(data, AggregationTemporality.CUMULATIVE, True))
 
 
-def _merge(
-    data: MetricsData | None, extra: list[Metric], scope: InstrumentationScope, resource: Resource
-) -> Any:
+def _merge(data: MetricsData | None, extra: list[Metric], scope: InstrumentationScope, resource: Resource) -> Any:
     """``data`` from the SDK with ``extra`` added to ``scope``'s metrics."""
     if not extra:
         return data
@@ -397,9 +389,7 @@ class Telemetry:
             return provider
         return None
 
-    def _make_meter_provider(
-        self, extra_readers: Sequence[MetricReader], service_version: str
-    ) -> MeterProvider:
+    def _make_meter_provider(self, extra_readers: Sequence[MetricReader], service_version: str) -> MeterProvider:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
         from prometheus_client import CollectorRegistry
 
@@ -495,9 +485,7 @@ class Telemetry:
 
     # ------------------------------------------------------------------------------------------ spans
 
-    def server_span(
-        self, method: str, route: str, headers: Mapping[str, str]
-    ) -> AbstractContextManager[Span]:
+    def server_span(self, method: str, route: str, headers: Mapping[str, str]) -> AbstractContextManager[Span]:
         """A SERVER span for one request, child of the client's W3C ``traceparent`` if it sent one.
 
         Gate's routes are literal paths, so ``route`` is also the ``url.path``.
@@ -514,9 +502,7 @@ class Telemetry:
         )
         return _ActiveSpan(span)
 
-    def client_span(
-        self, model: str | None, *, stream: bool, server_address: str
-    ) -> AbstractContextManager[Span]:
+    def client_span(self, model: str | None, *, stream: bool, server_address: str) -> AbstractContextManager[Span]:
         """A CLIENT span for the upstream call, named ``chat {model}`` (GenAI semantic conventions).
 
         Call ``finish_call`` inside this block: the span ends when the block exits. Without a span exporter
@@ -538,9 +524,7 @@ class Telemetry:
         }
         if model:
             attributes["gen_ai.request.model"] = model
-        span = tracer.start_span(
-            f"chat {model}" if model else "chat", kind=SpanKind.CLIENT, attributes=attributes
-        )
+        span = tracer.start_span(f"chat {model}" if model else "chat", kind=SpanKind.CLIENT, attributes=attributes)
         return _ActiveSpan(span)
 
     def trace_ids(self) -> tuple[str | None, str | None]:
@@ -711,9 +695,7 @@ def _id_only_span(headers: Mapping[str, str]) -> _ActiveSpan:
     traceparent = headers.get("traceparent")
     match = _TRACEPARENT.match(traceparent) if traceparent else None
     trace_id = int(match.group(1), 16) if match else 0
-    context = SpanContext(
-        trace_id or random.getrandbits(128) or 1, random.getrandbits(64) or 1, is_remote=False
-    )
+    context = SpanContext(trace_id or random.getrandbits(128) or 1, random.getrandbits(64) or 1, is_remote=False)
     return _ActiveSpan(NonRecordingSpan(context))
 
 
@@ -729,10 +711,7 @@ def _token_keys(model: str | None, alias: str | None, user: str | None) -> tuple
         usage = (*usage, ("user.id", user))
     return (
         base,
-        *(
-            (*usage, ("gen_ai.token.type", kind))
-            for kind in ("input", "output", "cache_creation", "cache_read")
-        ),
+        *((*usage, ("gen_ai.token.type", kind)) for kind in ("input", "output", "cache_creation", "cache_read")),
     )
 
 
