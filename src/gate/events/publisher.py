@@ -1,0 +1,356 @@
+"""``UsageEvents``: takes usage records without blocking, keeps them durable, delivers them at least once.
+
+``publish`` appends to an in-memory buffer. A writer thread turns the buffer into CloudEvents and commits them
+to the outbox every ``usage.outbox.commit-interval`` (so a SIGKILL loses at most that much). A delivery task
+sends committed events to the sink in batches and deletes them only once the broker has confirmed them,
+retrying with exponential backoff and jitter for as long as the broker is away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from gate.events.envelope import build_event, encode_event
+from gate.events.outbox import Outbox, OutboxError, PendingEvent
+from gate.events.sink import SendResult, Sink, SinkUnavailable
+from gate.settings import UsageSettings
+from gate.usage import UsageRecord
+
+__all__ = ["UsageEvents", "make_sink"]
+
+log = logging.getLogger("gate.events")
+
+_T = TypeVar("_T")
+_IDLE_CHECK = 1.0  # an idle delivery task looks for a lost connection or stray rows this often
+_LOG_EVERY = 10.0  # repeated warnings about the same trouble are logged at most this often
+
+
+def make_sink(settings: UsageSettings) -> Sink:
+    """The sink named by ``usage.publisher`` (imported on demand: the Pub/Sub client is slow to import)."""
+    if settings.publisher == "rabbitmq":
+        from gate.events.rabbitmq import RabbitMQSink
+
+        return RabbitMQSink(settings)
+    if settings.publisher == "pubsub":
+        from gate.events.pubsub import PubSubSink
+
+        return PubSubSink(settings)
+    if settings.publisher == "file":
+        from gate.events.file import FileSink
+
+        return FileSink(settings)
+    if settings.publisher == "log":
+        from gate.events.log import LogSink
+
+        return LogSink()
+    raise ValueError(f"usage.publisher {settings.publisher!r} has no sink")
+
+
+class _Backoff:
+    """Exponential steps from ``initial`` to ``maximum``, each drawn from its upper half (equal jitter)."""
+
+    def __init__(self, initial: float, maximum: float) -> None:
+        self._initial = max(initial, 0.001)
+        self._maximum = max(maximum, self._initial)
+        self._attempt = 0
+
+    def next(self) -> float:
+        step = min(self._maximum, self._initial * 2 ** min(self._attempt, 32))
+        self._attempt += 1
+        return float(step / 2 + random.uniform(0, step / 2))
+
+    def reset(self) -> None:
+        self._attempt = 0
+
+
+class UsageEvents:
+    """The usage-events room as the app and the relay see it (``usage.publisher: none`` makes it a no-op).
+
+    Read by metrics callbacks: ``depth``, ``oldest_age_seconds``, ``published_total``,
+    ``publish_failures_total`` (events per failed attempt), ``dropped_total`` and
+    ``last_delivery_lag_seconds`` (age of the newest event of the last confirmed batch, at confirmation).
+    """
+
+    def __init__(self, settings: UsageSettings, *, sink: Sink | None = None) -> None:
+        self._settings = settings
+        self._enabled = settings.publisher != "none"
+        self._max_events = settings.outbox.max_events
+        self._alarm_depth = math.ceil(settings.outbox.max_events * settings.outbox.alarm_ratio)
+        self._sink: Sink | None = sink
+        self._accepting = self._enabled
+        self._started = False
+        self._closed = False
+        # publish() appends, the writer thread pops: deque's append/popleft are atomic.
+        self._buffer: deque[tuple[UsageRecord, float]] = deque()
+        self._unwritten: list[tuple[str, float, bytes]] = []  # built rows the outbox refused; writer-owned
+        self._outbox: Outbox | None = None
+        self._db: ThreadPoolExecutor | None = None
+        self._writer: threading.Thread | None = None
+        self._stop_writer = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wakeup = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._draining = False
+        self._stopping = False
+        self._delivery: asyncio.Task[None] | None = None
+        self._writer_error: str | None = None
+        self._last_error: str | None = None
+        self._error_logged: tuple[str | None, float] = (None, -math.inf)
+        self._refused = 0
+        self._refusal_logged_at = -math.inf
+        self._unencodable = 0
+        self.published_total = 0
+        self.publish_failures_total = 0
+        self.last_delivery_lag_seconds: float | None = None
+
+    # --------------------------------------------------------------------------------------------- numbers
+
+    @property
+    def depth(self) -> int:
+        """Events accepted and not yet confirmed by the broker (in memory and in the outbox)."""
+        outbox = self._outbox
+        return len(self._buffer) + len(self._unwritten) + (outbox.depth if outbox is not None else 0)
+
+    @property
+    def oldest_age_seconds(self) -> float | None:
+        oldest: float | None = None
+        if self._outbox is not None:
+            oldest = self._outbox.oldest_created
+        if oldest is None:
+            with contextlib.suppress(IndexError):  # the writer may empty them between check and read
+                oldest = self._unwritten[0][1] if self._unwritten else self._buffer[0][1]
+        return None if oldest is None else max(time.time() - oldest, 0.0)
+
+    @property
+    def dropped_total(self) -> int:
+        return self._refused + self._unencodable
+
+    @property
+    def outbox_commits_total(self) -> int:
+        """Outbox transactions so far: the writer batches, so this grows far slower than events."""
+        return 0 if self._outbox is None else self._outbox.commits
+
+    def health(self) -> dict[str, object]:
+        depth = self.depth
+        alarm = self._enabled and depth >= self._alarm_depth
+        age = self.oldest_age_seconds
+        sink = self._sink
+        return {
+            "status": "DOWN" if alarm or self._writer_error is not None else "UP",
+            "details": {
+                "publisher": self._settings.publisher,
+                "connected": bool(sink is not None and sink.connected),
+                "outboxDepth": depth,
+                "oldestUndeliveredAgeSeconds": None if age is None else round(age, 3),
+                "alarm": alarm,
+                "dropped": self.dropped_total,
+                "lastError": self._writer_error or self._last_error,
+            },
+        }
+
+    # --------------------------------------------------------------------------------------- the relay's side
+
+    def publish(self, record: UsageRecord) -> None:
+        """Accept one record: O(1), never blocks, never raises; refused (and counted) when full or closed."""
+        if self._accepting:
+            outbox = self._outbox
+            depth = len(self._buffer) + len(self._unwritten) + (outbox.depth if outbox is not None else 0)
+            if depth < self._max_events:
+                self._buffer.append((record, time.time()))
+                return
+            self._refuse(f"the outbox holds usage.outbox.max-events={self._max_events} undelivered events")
+        elif self._enabled:
+            self._refuse("usage events are closed")
+
+    def _refuse(self, reason: str) -> None:
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refusal_logged_at >= _LOG_EVERY:
+            self._refusal_logged_at = now
+            log.error("usage event refused and lost: %s (%d refused so far)", reason, self._refused)
+
+    # ---------------------------------------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Open the outbox (leftovers go first) and start delivering; a broker that is down is fine."""
+        if not self._enabled or self._started:
+            return
+        self._started = True
+        self._loop = asyncio.get_running_loop()
+        self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gate-outbox")
+        try:
+            self._outbox = await self._loop.run_in_executor(self._db, Outbox, self._settings.outbox.path)
+        except OutboxError:
+            self._db.shutdown(wait=False)
+            raise
+        if self._outbox.depth:
+            log.info("%d undelivered usage events in %s: delivering", self._outbox.depth, self._outbox.path)
+        if self._sink is None:
+            self._sink = make_sink(self._settings)
+        self._writer = threading.Thread(target=self._write_loop, name="gate-outbox-writer", daemon=True)
+        self._writer.start()
+        self._delivery = asyncio.create_task(self._deliver_loop(self._sink, self._outbox), name="gate-usage")
+
+    async def close(self, timeout: float) -> None:  # noqa: ASYNC109 - the app's shutdown budget, not a cancel
+        """Commit the buffer, deliver what the broker takes within ``timeout``, keep the rest for later."""
+        if not self._enabled or self._closed:
+            return
+        self._closed = True
+        self._accepting = False
+        if not self._started:
+            if self._buffer:
+                log.error("%d usage events lost: closed before start", len(self._buffer))
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(timeout, 0.0)
+        assert self._writer is not None and self._delivery is not None and self._outbox is not None
+        self._stop_writer.set()
+        await asyncio.to_thread(self._writer.join, max(deadline - loop.time(), 1.0))
+        self._draining = True
+        self._wakeup.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(deadline):
+                await self._drained.wait()
+        self._stopping = True
+        self._delivery.cancel()
+        await asyncio.wait({self._delivery}, timeout=5.0)  # the loop also checks _stopping after each step
+        await self._close_sink(max(deadline - loop.time(), 1.0))
+        outbox = self._outbox
+        left = self.depth
+        await self._in_db(outbox.close)
+        assert self._db is not None
+        self._db.shutdown(wait=False)
+        if left:
+            log.warning("%d usage events stay in %s, to be delivered after the next start", left, outbox.path)
+
+    async def _close_sink(self, budget: float) -> None:
+        assert self._sink is not None
+        try:
+            async with asyncio.timeout(budget):
+                await self._sink.close()
+        except TimeoutError:
+            log.warning("the usage sink %s did not close within %.1fs", self._sink.name, budget)
+        except Exception:
+            log.exception("the usage sink %s failed to close", self._sink.name)
+
+    # ------------------------------------------------------------------------------------------ writer thread
+
+    def _write_loop(self) -> None:
+        interval = self._settings.outbox.commit_interval
+        while not self._stop_writer.wait(interval):
+            self._commit()
+        self._commit()  # what was published up to close
+
+    def _commit(self) -> None:
+        rows = self._unwritten
+        buffer = self._buffer
+        event_type, source = self._settings.event_type, self._settings.event_source
+        while buffer:
+            record, at = buffer.popleft()
+            try:
+                event = build_event(record, event_type=event_type, source=source, at=at)
+                rows.append((event["id"], at, encode_event(event)))
+            except (TypeError, ValueError) as exc:  # orjson's encode error is a TypeError
+                self._unencodable += 1
+                log.error("usage record dropped: it cannot be encoded as JSON (%s)", exc)
+        if not rows:
+            return
+        assert self._outbox is not None
+        try:
+            self._outbox.append(rows)
+        except OutboxError as exc:
+            # Keep the rows (ids and times stay as built) and try again next interval.
+            self._writer_error = str(exc)
+            self._warn(str(exc))
+            return
+        if self._writer_error is not None:
+            log.info("the usage outbox accepts writes again")
+            self._writer_error = None
+        rows.clear()
+        self._wake_delivery()
+
+    def _wake_delivery(self) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile; the rows wait for next start
+                loop.call_soon_threadsafe(self._wakeup.set)
+
+    # ----------------------------------------------------------------------------------------- delivery task
+
+    async def _deliver_loop(self, sink: Sink, outbox: Outbox) -> None:
+        backoff = _Backoff(self._settings.outbox.retry_initial, self._settings.outbox.retry_max)
+        batch_size = self._settings.outbox.batch_size
+        while not self._stopping:
+            self._wakeup.clear()
+            try:
+                batch = await self._in_db(outbox.pending, batch_size)
+                if not batch:
+                    if self._draining:
+                        self._drained.set()
+                    await self._idle(sink, backoff)
+                    continue
+                result = await sink.send(batch)
+                if result.delivered:
+                    await self._in_db(outbox.remove, result.delivered)
+                    self._count_delivered(batch, result)
+                if result.error is None:
+                    if self._last_error is not None:
+                        log.info("usage events reach %s again", sink.name)
+                        self._last_error = None
+                    backoff.reset()
+                    continue
+                self.publish_failures_total += len(batch) - len(result.delivered)
+                self._note_error(result.error)
+            except OutboxError as exc:
+                self._note_error(str(exc))
+            except Exception as exc:  # a bug must not stop delivery for good: log it, back off, go on
+                log.exception("usage delivery failed unexpectedly")
+                self._note_error(f"{type(exc).__name__}: unexpected failure in usage delivery")
+            await asyncio.sleep(backoff.next())
+
+    def _count_delivered(self, batch: list[PendingEvent], result: SendResult) -> None:
+        delivered = set(result.delivered)
+        self.published_total += len(delivered)
+        newest = max(event.created for event in batch if event.seq in delivered)
+        self.last_delivery_lag_seconds = max(time.time() - newest, 0.0)
+
+    async def _idle(self, sink: Sink, backoff: _Backoff) -> None:
+        wait = _IDLE_CHECK
+        if not sink.connected and not self._draining:
+            try:
+                await sink.connect()
+            except SinkUnavailable as exc:
+                self._note_error(str(exc))
+                wait = backoff.next()
+            else:
+                backoff.reset()
+                self._last_error = None
+        # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that meets a set event.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                await self._wakeup.wait()
+
+    async def _in_db(self, work: Callable[..., _T], *args: object) -> _T:
+        assert self._loop is not None and self._db is not None
+        return await self._loop.run_in_executor(self._db, work, *args)
+
+    def _note_error(self, error: str) -> None:
+        self._last_error = error
+        self._warn(error)
+
+    def _warn(self, error: str) -> None:
+        last, at = self._error_logged
+        now = time.monotonic()
+        if error != last or now - at >= _LOG_EVERY:
+            self._error_logged = (error, now)
+            log.warning("usage events wait in the outbox (depth %d): %s", self.depth, error)

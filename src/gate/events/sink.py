@@ -1,0 +1,55 @@
+"""The seam between the outbox and a destination: the ``Sink`` protocol, its result, and safe error text."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from gate.events.outbox import PendingEvent
+
+__all__ = ["SendResult", "Sink", "SinkUnavailable", "describe_error"]
+
+
+@dataclass(slots=True)
+class SendResult:
+    """Which events of a batch the destination confirmed (by outbox ``seq``), and why the rest were not."""
+
+    delivered: list[int] = field(default_factory=list)
+    error: str | None = None
+
+
+class SinkUnavailable(Exception):
+    """The destination cannot be reached now; the message is safe to log (no credentials)."""
+
+
+class Sink(Protocol):
+    """A destination for usage events. ``send`` never raises for broker trouble: it reports it."""
+
+    name: str
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def connect(self) -> None:
+        """Connect (or check) now; raise :class:`SinkUnavailable` when the destination is unreachable."""
+
+    async def send(self, events: Sequence[PendingEvent]) -> SendResult:
+        """Deliver a batch and wait for the destination's confirmation of each event."""
+
+    async def close(self) -> None: ...
+
+
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]*@")
+
+
+def describe_error(exc: BaseException, *secrets: str) -> str:
+    """``ExceptionType: message`` with URL credentials and any of ``secrets`` masked, for logs and health."""
+    text = str(exc).strip()
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "******")
+    text = _USERINFO.sub(r"\g<scheme>******@", text)
+    name = type(exc).__name__
+    return f"{name}: {text}" if text else name
