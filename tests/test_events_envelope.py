@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import uuid
 from typing import Any
 
 import orjson
@@ -19,6 +20,7 @@ from gate.events.envelope import (
     STRUCTURED_CONTENT_TYPE,
     build_event,
     encode_event,
+    new_event_ids,
     rfc3339_millis,
     to_binary,
 )
@@ -162,6 +164,17 @@ def test_id_and_time_are_made_when_the_record_has_none() -> None:
     assert re.fullmatch(r"[0-9a-f]{32}", fresh["id"])
     assert TIME.match(fresh["time"])
     assert fresh["id"] != event_of(success(event_id="", time=""))["id"]
+
+
+def test_batched_ids_are_version_4_uuids() -> None:
+    ids = new_event_ids(1000)
+    assert len(set(ids)) == 1000
+    for event_id in ids:
+        assert re.fullmatch(r"[0-9a-f]{32}", event_id)
+        parsed = uuid.UUID(hex=event_id)
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+        assert parsed.hex == event_id
+    assert new_event_ids(0) == []
 
 
 def test_empty_subject_is_left_out() -> None:

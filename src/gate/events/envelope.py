@@ -8,6 +8,9 @@ parse every wire form back with the official ``cloudevents`` SDK to keep the two
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -26,6 +29,7 @@ __all__ = [
     "build_event",
     "encode_event",
     "new_event_id",
+    "new_event_ids",
     "rfc3339_millis",
     "to_binary",
 ]
@@ -63,18 +67,34 @@ def _data_fields() -> tuple[str, ...]:
 
 
 _DATA_FIELDS = _data_fields()
+_read_data = operator.attrgetter(*_DATA_FIELDS)  # one C call for every value, total_tokens included
+_OPTIONAL_IN_ORDER = tuple(name for name in _DATA_FIELDS if name in OPTIONAL_DATA_FIELDS)
 
 
 def new_event_id() -> str:
-    """A fresh CloudEvent id: 32 hex digits, as in the seed's example event."""
+    """A fresh CloudEvent id: ``uuid4().hex``, 32 hex digits as in the seed's example event."""
     return uuid.uuid4().hex
+
+
+def new_event_ids(count: int) -> list[str]:
+    """``count`` ids in ``uuid4().hex`` form from one ``urandom`` call (~0.3 us each instead of ~2 us)."""
+    raw = bytearray(os.urandom(16 * count))
+    raw[6::16] = bytes((b & 0x0F) | 0x40 for b in raw[6::16])  # version 4
+    raw[8::16] = bytes((b & 0x3F) | 0x80 for b in raw[8::16])  # RFC 4122 variant
+    digits = raw.hex()
+    return [digits[i : i + 32] for i in range(0, 32 * count, 32)]
+
+
+@functools.lru_cache(maxsize=8)
+def _utc_second(whole: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
 
 
 def rfc3339_millis(epoch_seconds: float) -> str:
     """RFC 3339 UTC with milliseconds, e.g. ``2025-11-26T10:30:00.123Z`` (truncated, never rounded up)."""
     whole = int(epoch_seconds)
     millis = int((epoch_seconds - whole) * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
+    return f"{_utc_second(whole)}.{millis:03d}Z"
 
 
 def build_event(
@@ -86,12 +106,10 @@ def build_event(
     at: float | None = None,
 ) -> dict[str, Any]:
     """The event as a dict: ``id`` and ``time`` come from the record, else from ``event_id``/``at``/now."""
-    data: dict[str, Any] = {}
-    for name in _DATA_FIELDS:
-        value = record.total_tokens if name == "total_tokens" else getattr(record, name)
-        if value is None and name in OPTIONAL_DATA_FIELDS:
-            continue
-        data[name] = value
+    data: dict[str, Any] = dict(zip(_DATA_FIELDS, _read_data(record), strict=True))
+    for name in _OPTIONAL_IN_ORDER:
+        if data[name] is None:
+            del data[name]
     event: dict[str, Any] = {
         "specversion": SPECVERSION,
         "id": record.event_id or event_id or new_event_id(),

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from gate.events.envelope import build_event, encode_event
+from gate.events.envelope import build_event, encode_event, new_event_ids
 from gate.events.outbox import Outbox, OutboxError, PendingEvent
 from gate.events.sink import SendResult, Sink, SinkUnavailable
 from gate.settings import UsageSettings
@@ -254,11 +254,12 @@ class UsageEvents:
     def _commit(self) -> None:
         rows = self._unwritten
         buffer = self._buffer
+        # Only what is there now: under a flood of publishes the commits still come every interval.
+        taken = [buffer.popleft() for _ in range(len(buffer))]
         event_type, source = self._settings.event_type, self._settings.event_source
-        while buffer:
-            record, at = buffer.popleft()
+        for (record, at), event_id in zip(taken, new_event_ids(len(taken)), strict=True):
             try:
-                event = build_event(record, event_type=event_type, source=source, at=at)
+                event = build_event(record, event_type=event_type, source=source, event_id=event_id, at=at)
                 rows.append((event["id"], at, encode_event(event)))
             except (TypeError, ValueError) as exc:  # orjson's encode error is a TypeError
                 self._unencodable += 1
