@@ -57,9 +57,7 @@ def free_port() -> int:
 
 
 def _rabbitmqctl(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["rabbitmqctl", *args], capture_output=True, text=True, timeout=timeout, check=False
-    )
+    return subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def ensure_rabbitmq(timeout: float = 120.0) -> None:
@@ -143,9 +141,7 @@ class RabbitConsumer:
     async def __aenter__(self) -> RabbitConsumer:
         self._connection = await aio_pika.connect(self.url, timeout=10)
         self._channel = await self._connection.channel()
-        exchange = await self._channel.declare_exchange(
-            self.exchange, aio_pika.ExchangeType.TOPIC, durable=True
-        )
+        exchange = await self._channel.declare_exchange(self.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
         if self.queue_name is None:
             self._queue = await self._channel.declare_queue(exclusive=True, auto_delete=True)
         else:
@@ -227,9 +223,9 @@ def run_pubsub_emulator() -> Iterator[str]:
                 process.wait(timeout=10)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def pubsub_emulator_host() -> Iterator[str]:
-    """A running emulator; PUBSUB_EMULATOR_HOST points at it for the session (and is restored after)."""
+    """A running emulator for the module; PUBSUB_EMULATOR_HOST points at it meanwhile (restored after)."""
     with run_pubsub_emulator() as host:
         previous = os.environ.get("PUBSUB_EMULATOR_HOST")
         os.environ["PUBSUB_EMULATOR_HOST"] = host

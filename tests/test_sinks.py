@@ -14,8 +14,10 @@ import pytest
 from cloudevents.core.bindings import amqp
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.v1.http import from_http, from_json
+from pydantic import SecretStr
 
 from gate.events import UsageEvents
+from gate.events.sink import describe_error
 from gate.settings import UsageSettings
 from gate.usage import UsageRecord
 from tests.brokers import (
@@ -200,6 +202,28 @@ async def test_rabbitmq_unroutable_events_wait_for_a_queue(tmp_path: Path, rabbi
     finally:
         await events.close(timeout=5)
         await delete_exchange(exchange)
+
+
+async def test_a_broker_down_at_start_does_not_stop_gate(tmp_path: Path) -> None:
+    settings = rabbit_settings(tmp_path, unique("gate-test-usage"))
+    settings = settings.model_copy(
+        update={"rabbitmq": settings.rabbitmq.model_copy(update={"url": SecretStr("amqp://gate:s3cr3t@127.0.0.1:1/")})}
+    )
+    events = UsageEvents(settings)
+    await events.start()  # returns although nothing listens on port 1
+    events.publish(record(0))
+    await wait_until(lambda: events.health()["details"]["lastError"] is not None, what="a connection error")  # type: ignore[index]
+    details: Any = events.health()["details"]
+    assert details["connected"] is False and details["outboxDepth"] == 1
+    assert details["lastError"].startswith("RabbitMQ: ")
+    assert "s3cr3t" not in str(events.health())
+    await events.close(timeout=0.5)
+
+
+def test_error_text_never_carries_credentials() -> None:
+    text = describe_error(OSError("cannot reach amqp://gate:s3cr3t@broker:5672/ (s3cr3t)"), "s3cr3t")
+    assert "s3cr3t" not in text
+    assert text == "OSError: cannot reach amqp://******@broker:5672/ (******)"
 
 
 async def test_rabbitmq_outage_loses_nothing(tmp_path: Path, rabbitmq: str) -> None:  # noqa: F811
