@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import socket
 import threading
 import time
@@ -14,6 +15,7 @@ import orjson
 
 from gate.app import Gate, serve
 from gate.settings import GateSettings, load_settings
+from gate.telemetry import Telemetry
 
 T = TypeVar("T")
 
@@ -86,16 +88,17 @@ def _deep_merge(target: dict[str, Any], incoming: dict[str, Any]) -> None:
 
 
 class RunningGate:
-    """One in-process Gate on its own loop and port."""
+    """One in-process Gate on its own loop and port; ``telemetry`` replaces the one built from settings."""
 
-    def __init__(self, settings: GateSettings) -> None:
+    def __init__(self, settings: GateSettings, telemetry: Telemetry | None = None) -> None:
         self.settings = settings
+        self.telemetry = telemetry
         self.bg = BackgroundLoop()
         self.gate: Gate | None = None
         self._stop: asyncio.Event | None = None
         self._ready = threading.Event()
         self.port = 0
-        self._task: asyncio.Future[None] | None = None
+        self._task: concurrent.futures.Future[None] | None = None
 
     def start(self) -> RunningGate:
         sock = socket.socket()
@@ -111,13 +114,14 @@ class RunningGate:
                 on_gate=self._set_gate,
                 ready=lambda _port: self._ready.set(),
                 handle_signals=False,
+                telemetry=self.telemetry,
             )
 
-        self._task = asyncio.run_coroutine_threadsafe(main(), self.bg.loop)  # type: ignore[assignment]
+        task = self._task = asyncio.run_coroutine_threadsafe(main(), self.bg.loop)
         deadline = time.monotonic() + 20
         while not self._ready.wait(0.05):
-            if self._task.done():
-                self._task.result()
+            if task.done():
+                task.result()
             if time.monotonic() > deadline:
                 raise TimeoutError("Gate did not start")
         return self

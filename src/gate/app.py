@@ -190,9 +190,13 @@ async def serve(
     stop: asyncio.Event | None = None,
     on_gate: Callable[[Gate], None] | None = None,
     handle_signals: bool = True,
+    telemetry: Telemetry | None = None,
 ) -> None:
-    """Run Gate until SIGTERM/SIGINT (or ``stop``), then drain in-flight requests and flush usage events."""
-    gate = Gate(settings)
+    """Run Gate until SIGTERM/SIGINT (or ``stop``), then drain in-flight requests and flush usage events.
+
+    ``telemetry`` replaces the one built from settings (tests pass one with in-memory exporters).
+    """
+    gate = Gate(settings, telemetry=telemetry)
     if on_gate is not None:
         on_gate(gate)
     runner = _runner(gate.application(management=settings.management.server.port is None), settings)

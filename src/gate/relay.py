@@ -27,6 +27,7 @@ from gate.breaker import CircuitBreaker, CircuitOpenError, Permit
 from gate.errors import error_response
 from gate.events import UsageEvents
 from gate.keys import Key, KeyPool, NoKeyAvailable
+from gate.logs import access_log
 from gate.settings import GateSettings
 from gate.telemetry import Telemetry
 from gate.upstream import Upstream, request_headers, response_headers
@@ -35,7 +36,6 @@ from gate.usage import UsageMeter, UsageRecord, filter_accept_encoding
 __all__ = ["Relay"]
 
 log = logging.getLogger("gate.relay")
-access = logging.getLogger("gate.access")
 
 _AUTHORIZATION = istr("authorization")
 _X_API_KEY = istr("x-api-key")
@@ -507,32 +507,24 @@ class Relay:
     def _log_access(self, request: web.Request, call: _Call, duration: float, overhead: float) -> None:
         record = call.records[-1] if call.records else None
         trace_id, span_id = self._telemetry.trace_ids()
-        access.info(
-            "%s %s %s",
-            request.method,
-            call.route,
-            call.status,
-            extra={
-                "http": {
-                    "method": request.method,
-                    "path": request.path,
-                    "status": call.status,
-                    "latency_ms": round(duration * 1000, 3),
-                    "overhead_ms": round(overhead * 1000, 3),
-                },
-                "trace_id": trace_id,
-                "span_id": span_id,
-                "sub": call.sub,
-                "key_alias": call.key_alias,
-                "model": call.model,
-                "stream": call.stream,
-                "input_tokens": record.input_tokens if record else None,
-                "output_tokens": record.output_tokens if record else None,
-                "cache_creation_tokens": record.cache_creation_tokens if record else None,
-                "cache_read_tokens": record.cache_read_tokens if record else None,
-                "stop_reason": record.stop_reason if record else None,
-                "usage_status": record.status if record else None,
-            },
+        access_log(
+            method=request.method,
+            path=request.path,
+            status=call.status,
+            latency_ms=round(duration * 1000, 3),
+            overhead_ms=round(overhead * 1000, 3),
+            trace_id=trace_id,
+            span_id=span_id,
+            sub=call.sub,
+            key_alias=call.key_alias,
+            model=call.model,
+            stream=call.stream,
+            input_tokens=record.input_tokens if record else None,
+            output_tokens=record.output_tokens if record else None,
+            cache_creation_tokens=record.cache_creation_tokens if record else None,
+            cache_read_tokens=record.cache_read_tokens if record else None,
+            stop_reason=record.stop_reason if record else None,
+            usage_status=record.status if record else None,
         )
 
 
