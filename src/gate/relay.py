@@ -47,6 +47,9 @@ _RETRY_AFTER = istr("retry-after")
 _REQUEST_ID = istr("request-id")
 _SESSION_ID = istr("x-claude-code-session-id")
 _KEY_TROUBLE = frozenset({401, 403, 429})
+# How a relayed 2xx can still show Anthropic failing (stalled or broken stream, an error event inside it): the
+# breaker counts these like a 5xx or 529.
+_UPSTREAM_FAULTS = frozenset({"api_error", "overloaded_error", "timeout_error"})
 _MAX_BUFFERED_BODY = 8 * 1024 * 1024  # a non-streaming answer with a known length up to this is sent in one write
 
 
@@ -88,6 +91,7 @@ class _Attempt:
     key_failures: int = 0
     connect_failures: int = 0
     permit_done: bool = False
+    headers_wait: float = 0.0  # time to upstream's response headers: what the breaker judges slowness by
 
 
 @dataclass(slots=True, frozen=True)
@@ -173,7 +177,8 @@ class Relay:
 
     async def _serve(self, request: web.Request, call: _Call, *, metered: bool) -> web.StreamResponse:
         try:
-            identity = await self._auth.authenticate(request.headers.get(_AUTHORIZATION), request.headers.get(_X_API_KEY))
+            headers = request.headers
+            identity = await self._auth.authenticate(headers.get(_AUTHORIZATION), headers.get(_X_API_KEY))
         except AuthError as exc:
             self._telemetry.on_auth_failure(exc.reason)
             return error_response(
@@ -268,6 +273,23 @@ class Relay:
         try:
             async with asyncio.timeout(self._headers_timeout):
                 upstream = await self._upstream.request(request.method, attempt.path_qs, headers, attempt.body)
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            # No connection, so nothing reached Anthropic: safe to try again, on the same key (it is not at fault).
+            waited = perf_counter() - sent
+            call.upstream_wait += waited
+            timed_out = isinstance(exc, aiohttp.ConnectionTimeoutError)
+            if attempt.metered:
+                error_type = "timeout_error" if timed_out else "api_error"
+                self._record(call, status="error", error_type=error_type, http_status=None, request_id=None)
+            attempt.connect_failures += 1
+            if attempt.connect_failures < self._connect_attempts:
+                attempt.tried.discard(key.alias)
+                return _Retry(key)
+            self._settle(attempt, failed=True, duration=waited)
+            log.warning("upstream unreachable: %s", type(exc).__name__)
+            if timed_out:
+                return error_response(504, "The gateway could not connect to Anthropic in time.")
+            return error_response(502, "The gateway could not reach Anthropic.")
         except TimeoutError:
             waited = perf_counter() - sent
             call.upstream_wait += waited
@@ -276,17 +298,21 @@ class Relay:
                 self._record(call, status="error", error_type="timeout_error", http_status=None, request_id=None)
             return error_response(504, "Anthropic did not answer in time.")
         except aiohttp.ClientError as exc:
+            # The request may have reached Anthropic (a dropped connection, a malformed answer): never resent.
             waited = perf_counter() - sent
             call.upstream_wait += waited
-            attempt.connect_failures += 1
+            self._settle(attempt, failed=True, duration=waited)
             if attempt.metered:
                 self._record(call, status="error", error_type="api_error", http_status=None, request_id=None)
-            if isinstance(exc, aiohttp.ClientConnectorError) and attempt.connect_failures < self._connect_attempts:
-                attempt.tried.discard(key.alias)
-                return _Retry(key)
-            self._settle(attempt, failed=True, duration=waited)
-            log.warning("upstream unreachable: %s", type(exc).__name__)
+            log.warning("upstream call failed before its answer: %s", type(exc).__name__)
             return error_response(502, "The gateway could not reach Anthropic.")
+        except asyncio.CancelledError:
+            # The client left while Anthropic was thinking; aiohttp has closed that connection (Anthropic sees the
+            # cancel), the permit goes back in ``_forward``.
+            call.upstream_wait += perf_counter() - sent
+            if attempt.metered:
+                self._record(call, status="client_disconnected", error_type=None, http_status=None, request_id=None)
+            raise
         waited = perf_counter() - sent
         call.upstream_wait += waited
         status = upstream.status
@@ -296,7 +322,12 @@ class Relay:
             if attempt.key_failures < self._key_attempts:
                 next_key = self._next_key(attempt)
                 if next_key is not None:
-                    answer = await self._drain(upstream, call)
+                    try:
+                        answer = await self._drain(upstream, call)
+                    except asyncio.CancelledError:
+                        if attempt.metered:
+                            self._record_error_body(call, status, b"", upstream.headers)
+                        raise
                     if attempt.metered:
                         self._record_error_body(call, status, answer, upstream.headers)
                     return _Retry(next_key)
@@ -304,9 +335,10 @@ class Relay:
             self._keys.report_success(key.alias)
         if status >= 500:
             self._settle(attempt, failed=True, duration=waited)
-        elif status < 400:
-            self._settle(attempt, failed=False, duration=waited)
-        return await self._relay(request, call, upstream, metered=attempt.metered)
+        # A 2xx is judged once relayed (a stream can still break or carry an overloaded error), yet by its time
+        # to headers: a long stream is not a slow call. A 4xx says nothing about upstream: ``_forward`` releases.
+        attempt.headers_wait = waited
+        return await self._relay(request, call, upstream, attempt)
 
     def _settle(self, attempt: _Attempt, *, failed: bool, duration: float) -> None:
         if not attempt.permit_done:
@@ -339,19 +371,20 @@ class Relay:
     # ------------------------------------------------------------------------------------------- relaying
 
     async def _relay(
-        self, request: web.Request, call: _Call, upstream: aiohttp.ClientResponse, *, metered: bool
+        self, request: web.Request, call: _Call, upstream: aiohttp.ClientResponse, attempt: _Attempt
     ) -> web.StreamResponse:
         """Send upstream's answer to the client as it arrives; always ends in one record when metered."""
         status = upstream.status
         meter = (
             UsageMeter(stream=call.stream and status < 300, content_encoding=upstream.headers.get(_CONTENT_ENCODING))
-            if metered
+            if attempt.metered
             else None
         )
         call.meter = meter
         request_id = upstream.headers.get(_REQUEST_ID)
         length = upstream.content_length
         outcome, error_type = ("success" if status < 400 else "error"), None
+        judged = True
         response: web.StreamResponse
         try:
             if length is not None and length <= _MAX_BUFFERED_BODY:
@@ -375,6 +408,10 @@ class Relay:
         except (asyncio.CancelledError, _ClientGone):
             outcome, error_type = "client_disconnected", None
             raise
+        except Exception:
+            outcome, error_type = "error", "api_error"  # a bug of ours: recorded, never as a success
+            judged = False  # and not held against Anthropic
+            raise
         finally:
             upstream.close()  # releases the connection, or closes it mid-stream so Anthropic sees the cancel
             if meter is not None:
@@ -384,6 +421,8 @@ class Relay:
                 elif outcome == "error" and error_type is None:
                     error_type = meter.error_type or _error_type_for(status)
                 self._record(call, status=outcome, error_type=error_type, http_status=status, request_id=request_id)
+            if judged and status < 400 and outcome != "client_disconnected":  # else ``_forward`` releases
+                self._settle(attempt, failed=error_type in _UPSTREAM_FAULTS, duration=attempt.headers_wait)
         return response
 
     async def _relay_whole(
