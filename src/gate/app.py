@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
 from gate import __version__
 from gate.auth import Authenticator
 from gate.breaker import CircuitBreaker
-from gate.errors import error_response
+from gate.errors import error_body, error_response
 from gate.events import UsageEvents
 from gate.health import Health
 from gate.keys import KeyPool
@@ -168,10 +169,135 @@ class Gate:
         await self.telemetry.shutdown()
 
 
+# ---------------------------------------------------------------------------------------------- HTTP server
+
+_HEADER_TIMEOUT_BODY = error_body("timeout_error", "The request headers did not arrive in time.")
+_HEADER_TIMEOUT_ANSWER = (
+    b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+    b"x-gate-error: timeout_error\r\nConnection: close\r\n\r\n%s"
+) % (len(_HEADER_TIMEOUT_BODY), _HEADER_TIMEOUT_BODY)
+
+
+class _GuardedRequestHandler(web.RequestHandler):
+    """aiohttp's per-connection protocol with a deadline on request headers and protocol errors in Anthropic's shape.
+
+    aiohttp bounds an idle keep-alive connection, but lets a request whose headers trickle in (slowloris) hold its
+    connection for the whole keep-alive time. Here a clock starts when a connection opens, and again when the first
+    byte of a later request arrives, and stops once aiohttp has parsed that request's headers. When
+    ``header_timeout`` runs out first, a connection holding part of a request gets a 408 and is closed; one that
+    sent nothing is simply closed (a flood of idle sockets drains away). Malformed requests get 400, oversized
+    request lines and headers 431, both as Anthropic-shaped JSON, with nothing of the request echoed or logged.
+    """
+
+    __slots__ = ("_header_bytes", "_header_timeout", "_header_timer")
+
+    def __init__(self, manager: web.Server, *, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._header_timeout = header_timeout
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._header_bytes = False  # part of a request arrived since the clock started
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._start_header_clock()
+
+    def data_received(self, data: bytes) -> None:
+        parsed = self._request_count
+        super().data_received(data)
+        if self._request_count != parsed:
+            self._stop_header_clock()
+        elif data and (self._header_timer is not None or self._waiter is not None):
+            # Bytes of a request whose headers are not complete yet (a waiter means: idle between requests).
+            if self._header_timer is None:
+                self._start_header_clock()
+            self._header_bytes = True
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._stop_header_clock()
+        super().connection_lost(exc)
+
+    def _start_header_clock(self) -> None:
+        self._header_bytes = False
+        self._header_timer = self._loop.call_later(self._header_timeout, self._header_clock_ran_out)
+
+    def _stop_header_clock(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_clock_ran_out(self) -> None:
+        self._header_timer = None
+        if self.transport is None:
+            return
+        if self._header_bytes:
+            self.transport.write(_HEADER_TIMEOUT_ANSWER)
+        log.debug("closed a connection whose request headers did not arrive within %.1fs", self._header_timeout)
+        self.force_close()  # the transport sends what was written, then closes
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status == 500:
+            self.log_exception("unhandled error answering %s %s", request.method, request.path, exc_info=exc)
+        else:
+            # The parser's message quotes the offending bytes (perhaps a token): only the kind of error is logged.
+            log.info("refused a malformed HTTP request: %s", type(exc).__name__ if exc else status)
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response had begun; the connection is dropped instead")
+        if isinstance(exc, LineTooLong) or (isinstance(exc, BadHttpMessage) and "Too many headers" in exc.message):
+            status = 431
+            text = f"The request line or headers exceed the gateway's limit of {self.max_field_size} bytes a line."
+        elif status == 500:
+            text = "The gateway failed to answer this request."
+        elif status == 504:
+            text = "The gateway did not answer in time."
+        else:
+            text = "The request is not valid HTTP/1.1."
+        response = error_response(status, text)
+        response.force_close()
+        return response
+
+
+class _GuardedServer(web.Server):
+    """aiohttp's protocol factory, making ``_GuardedRequestHandler``s with the settings aiohttp computed."""
+
+    def __init__(self, server: web.Server, header_timeout: float) -> None:
+        super().__init__(
+            server.request_handler,
+            request_factory=server.request_factory,
+            handler_cancellation=server.handler_cancellation,
+            loop=server._loop,
+            **server._kwargs,
+        )
+        self._header_timeout = header_timeout
+
+    def __call__(self) -> web.RequestHandler:
+        return _GuardedRequestHandler(self, loop=self._loop, header_timeout=self._header_timeout, **self._kwargs)
+
+
+class _GuardedRunner(web.AppRunner):
+    """An AppRunner whose connections have a header deadline (see ``_GuardedRequestHandler``)."""
+
+    __slots__ = ("_header_timeout",)
+
+    def __init__(self, app: web.Application, *, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._header_timeout = header_timeout
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()  # runs the app's startup and freezes it
+        return _GuardedServer(server, self._header_timeout)
+
+
 def _runner(app: web.Application, settings: GateSettings) -> web.AppRunner:
     limits = settings.server.limits
-    return web.AppRunner(
+    return _GuardedRunner(
         app,
+        header_timeout=limits.header_timeout,
         handle_signals=False,
         access_log=None,  # Gate writes its own access line, with trace ids and usage
         handler_cancellation=True,  # a client that goes away cancels its upstream call at once
@@ -209,7 +335,12 @@ async def serve(
     await site.start()
     management_runner = None
     if settings.management.server.port is not None:
-        management_runner = web.AppRunner(gate.management_application(), handle_signals=False, access_log=None)
+        management_runner = _GuardedRunner(
+            gate.management_application(),
+            header_timeout=server.limits.header_timeout,
+            handle_signals=False,
+            access_log=None,
+        )
         await management_runner.setup()
         mgmt = settings.management.server
         await web.TCPSite(management_runner, mgmt.host or server.host, mgmt.port, reuse_port=True).start()
@@ -283,7 +414,7 @@ def _run_workers(settings: GateSettings) -> None:
 
 
 def _worker_main(settings: GateSettings) -> None:
-    from gate.telemetry import configure_logging
+    from gate.logs import configure_logging
 
     logging_settings = settings.observability.logging
     configure_logging(logging_settings.format, logging_settings.level)

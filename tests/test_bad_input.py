@@ -1,0 +1,197 @@
+"""Bad input and load at the HTTP layer: every misbehaving client gets a bounded wait and a clean answer.
+
+Headers that never finish, bodies that never arrive, oversized or malformed requests and a flood of idle sockets
+each end in 408, 413, 431, 400 or a closed connection, in Anthropic's error shape, never a stuck worker or a trace.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Callable
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.fake_anthropic import FakeAnthropic
+from tests.harness import RunningGate
+
+LIMITS = {"limits": {"header-timeout": "300ms", "body-timeout": "300ms", "max-header-size": "1KB"}}
+WAIT = 10.0  # the longest any socket read here may block: a safety net, not a measured bound
+
+
+def connect(gate: RunningGate) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)
+    return sock
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    received = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return received
+        if not chunk:
+            return received
+        received += chunk
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response with a Content-Length (or ended by close): status, headers, body."""
+    buffer = b""
+    while b"\r\n\r\n" not in buffer:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError(f"connection closed before a whole response: {buffer!r}")
+        buffer += chunk
+    head, _, body = buffer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if "content-length" in headers:
+        length = int(headers["content-length"])
+        while len(body) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+    else:
+        body += read_until_closed(sock)
+    return status, headers, body
+
+
+def assert_anthropic_error(body: bytes, error_type: str) -> None:
+    payload = json.loads(body)
+    assert payload["type"] == "error"
+    assert payload["error"]["type"] == error_type
+    assert "Traceback" not in payload["error"]["message"]
+
+
+@pytest.fixture
+def gate(start_gate: Callable[..., RunningGate]) -> RunningGate:
+    return start_gate(server=LIMITS)
+
+
+# ------------------------------------------------------------------------------------------------ slow clients
+
+
+def test_headers_that_never_finish_get_408_then_close(gate: RunningGate, fake: FakeAnthropic) -> None:
+    with connect(gate) as sock:
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: gate\r\nContent-Type: application/")  # ... and nothing more
+        answer = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"x-gate-error: timeout_error" in head.lower()
+    assert_anthropic_error(body, "timeout_error")
+    assert fake.received == []
+
+
+def test_a_connection_that_sends_nothing_is_closed(gate: RunningGate) -> None:
+    with connect(gate) as sock:
+        assert read_until_closed(sock) == b""
+
+
+def test_the_header_deadline_applies_to_every_request_on_a_kept_alive_connection(gate: RunningGate) -> None:
+    with connect(gate) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: gate\r\n\r\n")
+        status, headers, _ = read_response(sock)
+        assert status == 200 and headers.get("connection", "").lower() != "close"
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: ga")  # the next request stalls halfway through its headers
+        answer = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 408 ")
+
+
+def test_a_body_that_never_arrives_is_408(gate: RunningGate, fake: FakeAnthropic) -> None:
+    with connect(gate) as sock:
+        sock.sendall(
+            b"POST /v1/messages HTTP/1.1\r\nHost: gate\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + gate.token().encode() + b"\r\nContent-Length: 200\r\n\r\n{\"model\":"
+        )
+        status, _, body = read_response(sock)
+    assert status == 408
+    assert_anthropic_error(body, "timeout_error")
+    assert fake.received == []
+
+
+# ------------------------------------------------------------------------------------------------ oversized
+
+
+def test_an_oversized_header_is_431(gate: RunningGate, fake: FakeAnthropic) -> None:
+    response = httpx.get(gate.url + "/v1/models", headers={"x-padding": "a" * 2000}, timeout=WAIT)
+    assert response.status_code == 431
+    assert response.headers["x-gate-error"] == "request_too_large"
+    assert_anthropic_error(response.content, "request_too_large")
+    assert fake.received == []
+
+
+def test_an_oversized_token_is_431_and_never_echoed(gate: RunningGate, fake: FakeAnthropic) -> None:
+    secret = "eyJ" + "s" * 3000
+    response = httpx.get(gate.url + "/v1/models", headers={"authorization": f"Bearer {secret}"}, timeout=WAIT)
+    assert response.status_code == 431
+    assert "sss" not in response.text
+
+
+def test_too_many_headers_is_431(gate: RunningGate) -> None:
+    headers = {f"x-h{i}": "v" for i in range(200)}
+    response = httpx.get(gate.url + "/", headers=headers, timeout=WAIT)
+    assert response.status_code == 431
+    assert_anthropic_error(response.content, "request_too_large")
+
+
+def test_an_oversized_request_line_is_431(gate: RunningGate) -> None:
+    response = httpx.get(gate.url + "/v1/models/" + "m" * 3000, timeout=WAIT)
+    assert response.status_code == 431
+
+
+def test_malformed_http_is_a_json_400(gate: RunningGate) -> None:
+    with connect(gate) as sock:
+        sock.sendall(b"HELLO THERE\r\n\r\n")
+        status, headers, body = read_response(sock)
+    assert status == 400
+    assert headers["content-type"].startswith("application/json")
+    assert_anthropic_error(body, "invalid_request_error")
+
+
+# ------------------------------------------------------------------------------------------------ load
+
+
+def test_a_flood_of_idle_connections_neither_blocks_others_nor_lingers(gate: RunningGate) -> None:
+    idle = [connect(gate) for _ in range(1000)]
+    try:
+        response = httpx.get(gate.url + "/", timeout=WAIT)  # a real client among the idle ones
+        assert response.status_code == 200
+        for sock in idle:
+            assert read_until_closed(sock) == b""  # each was closed by the header deadline
+    finally:
+        for sock in idle:
+            sock.close()
+    assert httpx.get(gate.url + "/", timeout=WAIT).status_code == 200
+
+
+# ------------------------------------------------------------------------------------------------ arbitrary input
+
+_REQUEST_LINES = st.sampled_from(
+    [b"", b"GET / HTTP/1.1\r\n", b"POST /v1/messages HTTP/1.1\r\n", b"GET /v1/models HTTP/1.0\r\n", b"\r\n"]
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(start=_REQUEST_LINES, junk=st.binary(max_size=300))
+def test_arbitrary_bytes_never_get_a_500(gate: RunningGate, start: bytes, junk: bytes) -> None:
+    with connect(gate) as sock:
+        try:
+            sock.sendall(start + junk + b"\r\n\r\n")
+            status, headers, body = read_response(sock)
+        except (AssertionError, ConnectionResetError, BrokenPipeError):
+            return  # a closed connection is a clean answer too
+    assert status < 500
+    if status >= 400:
+        assert headers["content-type"].startswith("application/json")
+        assert json.loads(body)["type"] == "error"
