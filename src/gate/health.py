@@ -5,10 +5,13 @@ Each room reports its own component; this module only aggregates them and never 
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
+
+from gate.logs import redact
 
 if TYPE_CHECKING:
     from gate.app import Gate
@@ -16,6 +19,7 @@ if TYPE_CHECKING:
 __all__ = ["Health"]
 
 _BREAKER_STATUS = {"CLOSED": "UP", "HALF_OPEN": "UNKNOWN", "OPEN": "DOWN"}  # Resilience4j's mapping
+_URL_CREDENTIALS = re.compile(r"(://)[^/@\s\"]+@")  # amqp://user:password@host in a component's last error
 
 
 class Health:
@@ -28,8 +32,8 @@ class Health:
         gate = self._gate
         breaker = gate.breaker.snapshot()
         keys = gate.keys.snapshot()
-        count = int(keys.get("count", 0))
-        available = int(keys.get("available", 0))
+        count = _count(keys.get("count"))
+        available = _count(keys.get("available"))
         return {
             "circuitBreaker": {"status": _BREAKER_STATUS.get(str(breaker.get("state")), "UNKNOWN"), "details": breaker},
             "pubsub": gate.events.health(),
@@ -52,7 +56,8 @@ class Health:
     async def readiness(self, request: web.Request) -> web.Response:
         gate = self._gate
         jwks = gate.auth.health()
-        jwks_keys = int(jwks.get("details", {}).get("keys", 0)) if isinstance(jwks.get("details"), dict) else 0
+        details = jwks.get("details")
+        jwks_keys = _count(details.get("keys")) if isinstance(details, dict) else 0
         checks = {
             "jwksLoaded": jwks_keys > 0,
             "apiKeyConfigured": len(gate.keys) > 0,
@@ -61,6 +66,12 @@ class Health:
         return _answer("UP" if all(checks.values()) else "DOWN", {"details": checks})
 
 
+def _count(value: object) -> int:
+    return value if isinstance(value, int) else 0
+
+
 def _answer(status: str, extra: dict[str, Any]) -> web.Response:
-    body = orjson.dumps({"status": status, **extra}, default=str)
-    return web.Response(status=200 if status == "UP" else 503, body=body, content_type="application/json")
+    # Rooms report no secrets; the masking is the net under them (an error text may quote a URL or a header).
+    text = redact(orjson.dumps({"status": status, **extra}, default=str).decode())
+    body = _URL_CREDENTIALS.sub(r"\1***@", text)
+    return web.Response(status=200 if status == "UP" else 503, text=body, content_type="application/json")
