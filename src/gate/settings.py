@@ -320,7 +320,15 @@ class GateSettings(_Section):
         return data
 
 
-_SECRET_NAMES = re.compile(r"(^|-)(value|password|secret|token|url)$")
+_SECRET_NAMES = re.compile(r"(^|-)(value|password|secret|token)$")
+# The user info of any URL: a jwk-set-uri or base-url may carry credentials although they are plain strings.
+_URL_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/@\s]+)@")
+
+
+def _mask_userinfo(match: re.Match[str]) -> str:
+    user, colon, _password = match.group(2).partition(":")
+    # user:password keeps the user; a lone user info is often a token (https://<token>@host), so all of it goes
+    return f"{match.group(1)}{user}:******@" if colon else f"{match.group(1)}******@"
 
 
 def _mask(data: Any, key: str = "") -> Any:
@@ -328,16 +336,14 @@ def _mask(data: Any, key: str = "") -> Any:
         return {k: _mask(v, k) for k, v in data.items()}
     if isinstance(data, list):
         return [_mask(v, key) for v in data]
-    if isinstance(data, str) and data == "**********":
+    if not isinstance(data, str) or not data:
+        return data
+    if data == "**********" or _SECRET_NAMES.search(key):  # SecretStr dumps as ten stars
         return "******"
-    if key in {"value"} and isinstance(data, str) and data:
-        return "******"
-    return data
+    return _URL_USERINFO.sub(_mask_userinfo, data)
 
 
 # ---------------------------------------------------------------------------------------------- loading
-
-_PLACEHOLDER = re.compile(r"\$\{([^}:]+)(?::([^}]*))?\}")
 
 
 @dataclass
@@ -399,21 +405,58 @@ def _resolve(value: Any, env: Mapping[str, str], where: str) -> Any:
         return [_resolve(v, env, where) for v in value]
     if not isinstance(value, str) or "${" not in value:
         return value
-
-    def substitute(match: re.Match[str]) -> str:
-        name, default = match.group(1).strip(), match.group(2)
-        if name.startswith("file:"):
-            return _read_secret_file(name[5:], where)
-        if name in env:
-            return env[name]
-        if default is None:
-            raise ConfigError(f"{where}: placeholder ${{{name}}} has no default and {name} is not set")
-        return os.path.expanduser(default) if default.startswith("~") else default
-
-    resolved = _PLACEHOLDER.sub(substitute, value)
-    if resolved != value and "${" in resolved:
-        resolved = _resolve(resolved, env, where)
+    resolved = _substitute(value, env, where)
     return os.path.expanduser(resolved) if resolved.startswith("~/") else resolved
+
+
+def _substitute(text: str, env: Mapping[str, str], where: str) -> str:
+    """``text`` with each ``${NAME}``, ``${NAME:default}`` and ``${file:/path}`` replaced.
+
+    Defaults may nest placeholders (``${A:${B:x}}``), as in Spring. Unlike Spring, a variable set to the empty
+    string counts as unset when there is a default (as the shell's ``${A:-x}``): ``GATE_HOST=`` from a compose
+    file must not bind every interface, nor ``XDG_DATA_HOME=`` put the dev key in ``/gate``. A value taken from
+    the environment or a file is used as it is: a password may well contain ``${``.
+    """
+    out: list[str] = []
+    position = 0
+    while (start := text.find("${", position)) >= 0:
+        end = _closing_brace(text, start + 2)
+        if end < 0:
+            break  # unterminated: left as written
+        out.append(text[position:start])
+        out.append(_placeholder(text[start + 2 : end], env, where))
+        position = end + 1
+    out.append(text[position:])
+    return "".join(out)
+
+
+def _closing_brace(text: str, position: int) -> int:
+    depth = 1
+    while position < len(text):
+        if text.startswith("${", position):
+            depth += 1
+            position += 2
+            continue
+        if text[position] == "}":
+            depth -= 1
+            if depth == 0:
+                return position
+        position += 1
+    return -1
+
+
+def _placeholder(body: str, env: Mapping[str, str], where: str) -> str:
+    if body.startswith("file:"):
+        return _read_secret_file(_substitute(body[5:], env, where).strip(), where)
+    name, has_default, default = body.partition(":")
+    name = name.strip()
+    value = env.get(name)
+    if value or (value is not None and not has_default):
+        return value
+    if not has_default:
+        raise ConfigError(f"{where}: placeholder ${{{name}}} has no default and {name} is not set")
+    resolved = _substitute(default, env, where)
+    return os.path.expanduser(resolved) if resolved.startswith("~") else resolved
 
 
 def _read_secret_file(path: str, where: str) -> str:
@@ -585,7 +628,7 @@ def load_settings(
         add(text, file)
     for path, value, var in _env_overrides(env):
         where = f"environment variable {var}"
-        _set_path(layers.data, path, _resolve(_coerce_env(value), env, where))
+        _set_path(layers.data, path, _resolve(_coerce_env(value, path), env, where))
         for stale in [p for p in layers.origin if p[: len(path)] == path]:
             del layers.origin[stale]
         layers.origin[path] = where
@@ -617,14 +660,18 @@ def _read_optional(path: Path) -> str | None:
         raise ConfigError(f"{path}: {exc.strerror}") from None
 
 
-def _coerce_env(value: str) -> Any:
-    """Env values are strings; a YAML-looking list (``[a, b]``) or comma list is accepted for lists."""
+def _coerce_env(value: str, path: tuple[str | int, ...]) -> Any:
+    """Env values are strings; a YAML-looking list (``[a, b]``) or, for a list property, a comma list
+    (``SECURITY_JWT_AUDIENCES=a,b``, as Spring binds it) becomes a list."""
     stripped = value.strip()
     if stripped.startswith("[") and stripped.endswith("]"):
         try:
             return yaml.safe_load(stripped)
         except yaml.YAMLError:
             return value
+    names = tuple(part for part in path if isinstance(part, str))
+    if len(names) == len(path) and getattr(_field_annotation(names), "__origin__", None) is list:
+        return [item.strip() for item in value.split(",") if item.strip()]
     return value
 
 
@@ -639,13 +686,26 @@ def _explain(exc: ValidationError, origin: Mapping[tuple[str | int, ...], str]) 
         else:
             message = error["msg"]
             if "input" in error and not _looks_secret(key):
-                message += f" (got {error['input']!r})"
+                message += _shown_input(error["input"])
         lines.append(f"  {key}: {message} [from {source}]")
     return "\n".join(lines)
 
 
 def _looks_secret(key: str) -> bool:
     return bool(re.search(r"(value|password|secret|token|url)$", key))
+
+
+_CREDENTIAL = re.compile(r"sk-ant-|eyJ[A-Za-z0-9_-]*\.|://[^/\s]*@", re.IGNORECASE)
+
+
+def _shown_input(value: Any) -> str:
+    """`` (got ...)`` for a short scalar that cannot be a credential; nothing for anything else."""
+    if value is not None and not isinstance(value, str | int | float | bool):
+        return ""  # a whole section or list: too big to be useful, and it may hold secrets
+    text = repr(value)
+    if _CREDENTIAL.search(text):
+        return ""
+    return f" (got {text[:80]}{'...' if len(text) > 80 else ''})"
 
 
 def _dotted(loc: tuple[Any, ...]) -> str:
