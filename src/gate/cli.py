@@ -92,7 +92,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     logging_settings = settings.observability.logging
     configure_logging(logging_settings.format, logging_settings.level)
-    run(settings)
+    try:
+        run(settings)
+    except OSError as exc:  # the port is taken, the data directory is read-only...: say so, no traceback
+        sys.stderr.write(f"gate: cannot start: {exc}\n")
+        return 1
     return 0
 
 
@@ -111,7 +115,12 @@ def _token(args: argparse.Namespace) -> int:
     except ValueError as exc:
         sys.stderr.write(f"gate: --ttl: {exc}\n")
         return 2
-    sys.stdout.write(mint_dev_token(settings, args.sub, ttl) + "\n")
+    try:
+        token = mint_dev_token(settings, args.sub, ttl)
+    except ValueError as exc:  # an empty --sub or a zero --ttl: a usage error, not a traceback
+        sys.stderr.write(f"gate: {exc}\n")
+        return 2
+    sys.stdout.write(token + "\n")
     return 0
 
 
