@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 
 import aiohttp
 from multidict import CIMultiDict, istr
+from yarl import URL
 
 from gate.settings import AnthropicApiSettings
 
@@ -91,7 +92,7 @@ class Upstream:
 
     def __init__(self, settings: AnthropicApiSettings) -> None:
         self.base_url = settings.base_url
-        self.server_address = aiohttp.client.URL(settings.base_url).host or ""
+        self.server_address = URL(settings.base_url).host or ""
         self._settings = settings
         self._session: aiohttp.ClientSession | None = None
 
@@ -111,8 +112,10 @@ class Upstream:
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
-            # Time to headers and stream idleness are enforced by the relay, which knows which phase it is in.
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect, connect=None),
+            # ``connect`` bounds getting a connection: a pool slot, TCP, a proxy's CONNECT and TLS (``sock_connect``
+            # alone would leave a stuck TLS handshake to the 600 s header timeout). Time to headers and stream
+            # idleness are enforced by the relay, which knows which phase it is in.
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect, connect=timeouts.connect),
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
             cookie_jar=aiohttp.DummyCookieJar(),  # never share one user's cookies with another
