@@ -1,0 +1,90 @@
+"""What Gate needs to run in the benchmark: an RSA key, a JWKS served on a local port, a token, a config file."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import jwt
+import yaml
+from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
+
+KID = "bench-key-1"
+BENCH_KEYS = [{"alias": "a", "value": "sk-ant-bench-a"}, {"alias": "b", "value": "sk-ant-bench-b"}]
+
+
+class JwksServer:
+    """Serves one public key as a JWKS at ``/.well-known/jwks.json`` from a daemon thread."""
+
+    def __init__(self, jwks: dict[str, Any]) -> None:
+        payload = json.dumps(jwks).encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.split("?", 1)[0] != "/.well-known/jwks.json":
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="jwks", daemon=True)
+        self.thread.start()
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/.well-known/jwks.json"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class GateRig:
+    """One signing key for the whole run; the token it mints is what every contender receives."""
+
+    def __init__(self) -> None:
+        self.private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        public = json.loads(RSAAlgorithm.to_jwk(self.private_key.public_key()))
+        self.jwks = {"keys": [{**public, "kid": KID, "use": "sig", "alg": "RS256"}]}
+        self.server = JwksServer(self.jwks)
+        now = int(time.time())
+        self.token = jwt.encode(
+            {"sub": "bench-user", "iat": now, "nbf": now, "exp": now + 24 * 3600, "scope": "bench"},
+            self.private_key,
+            algorithm="RS256",
+            headers={"kid": KID},
+        )
+
+    def write_config(
+        self, path: Path, *, port: int, upstream: str, publisher: str, outbox: Path, workers: int = 1
+    ) -> Path:
+        """A Gate config with everything on (JWT, 2 keys, metering, outbox, tracing and metrics defaults)."""
+        config = {
+            "server": {"host": "127.0.0.1", "port": port, "workers": workers},
+            "security": {"jwt": {"jwk-set-uri": self.server.uri}},
+            "anthropic": {"api": {"base-url": upstream, "keys": BENCH_KEYS}},
+            "usage": {
+                "publisher": publisher,
+                "rabbitmq": {"url": "amqp://guest:guest@127.0.0.1:5672/"},
+                "file": {"path": str(outbox.with_suffix(".jsonl"))},
+                "outbox": {"path": str(outbox)},
+            },
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return path
+
+    def close(self) -> None:
+        self.server.close()

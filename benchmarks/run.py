@@ -1,0 +1,606 @@
+"""Gate's benchmark suite: every contender against one fake Anthropic upstream, then RESULTS.md.
+
+Usage: ``.venv/bin/python benchmarks/run.py [--quick] [--only direct,gate] [--phases main,streams,scaling,soak]``.
+Contenders run one worker each on CPU 0; wrk, the fake upstream and the probes share CPU 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import contenders as lineup
+import report
+from contenders import Contender, Setup, check_reaches_fake, fake_stats
+from gate_rig import GateRig
+from load import run_wrk, write_script, wrk_available
+from procs import Proc, free_port, wait_idle, wait_port
+
+BENCH_DIR = Path(__file__).resolve().parent
+PHASES = ("main", "streams", "scaling", "soak")
+# measurement -> (wrk script, connections). paced_c50 also runs the TTFB probe.
+KIND_SETTINGS = {
+    "json_c1": ("json", 1),
+    "json_c50": ("json", 50),
+    "stream_c50": ("stream", 50),
+    "paced_c50": ("paced", 50),
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--quick", action="store_true", help="smoke: 1 round, 2 s per measurement, main phase only, no installs"
+    )
+    p.add_argument("--only", help=f"comma-separated contenders (direct always runs); of {','.join(lineup.ALL)}")
+    p.add_argument("--phases", help=f"comma-separated phases of {','.join(PHASES)} (default all; --quick: main)")
+    p.add_argument("--duration", type=float, help="seconds per wrk measurement (default 8; --quick 2)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds (default 3; --quick 1)")
+    p.add_argument("--skip-install", action="store_true", help="never create benchmarks/.venv-litellm")
+    p.add_argument("--soak-minutes", type=float, default=2.0, help="soak length (default 2; the issue's is 10)")
+    p.add_argument("--streams", type=int, default=2000, help="concurrent streams in the streams phase")
+    p.add_argument("--hold-seconds", type=float, default=30.0, help="how long each of those streams lasts")
+    p.add_argument("--streams-targets", default="gate", help="contenders for the streams phase (gate,minimal)")
+    p.add_argument("--soak-target", default="gate", help="contender for the soak (gate or minimal)")
+    p.add_argument("--scaling-rounds", type=int, default=1, help="rounds of the workers=1,2 comparison")
+    p.add_argument("--probe-count", type=int, default=200, help="TTFB probes per stream measurement")
+    p.add_argument("--output", type=Path, default=BENCH_DIR / "RESULTS.md")
+    p.add_argument("--json", type=Path, default=BENCH_DIR / "results" / "latest.json")
+    p.add_argument("--work-dir", type=Path, default=BENCH_DIR / ".work")
+    args = p.parse_args(argv)
+    args.duration = args.duration or (2.0 if args.quick else 8.0)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.phases = [x for x in (args.phases or ("main" if args.quick else ",".join(PHASES))).split(",") if x]
+    unknown = set(args.phases) - set(PHASES)
+    if unknown:
+        p.error(f"unknown phases: {', '.join(sorted(unknown))}")
+    names = [x for x in (args.only or ",".join(lineup.ALL)).split(",") if x]
+    unknown = set(names) - set(lineup.ALL)
+    if unknown:
+        p.error(f"unknown contenders: {', '.join(sorted(unknown))}")
+    args.names = ["direct", *[n for n in names if n != "direct"]]
+    return args
+
+
+def cpu_plan() -> tuple[str | None, str | None, str]:
+    """(contender CPUs, load-rig CPUs, description)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None, None, "one CPU only: nothing pinned (contender and load rig share it)"
+    return (
+        str(cpus[0]),
+        str(cpus[1]),
+        f"each contender (all its processes) on CPU {cpus[0]}; wrk, the fake upstream, the TTFB probe and "
+        f"this harness on CPU {cpus[1]}. On 2 cores this keeps the proxy's core to itself; the cost is that "
+        "the fake and wrk share a core, so `direct` and nginx hit the load rig's ceiling (lower bounds)",
+    )
+
+
+class Sampler:
+    """Samples the RSS of the running contenders every second, so each one's peak is known."""
+
+    def __init__(self) -> None:
+        self.procs: list[Proc] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.stop.wait(1.0):
+            for proc in list(self.procs):
+                if proc.alive():
+                    proc.rss_kb()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+class Bench:
+    """One run of the suite: owns every process it starts and stops them all at the end."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.work: Path = args.work_dir.resolve()
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.proxy_cpus, self.rig_cpus, self.pinning = cpu_plan()
+        self.rig = GateRig()
+        self.env = dict(os.environ, BENCH_TOKEN=self.rig.token)
+        self.scripts = {
+            k: write_script(self.work / "lua" / f"{k}.lua", self.rig.token, k)
+            for k in ("json", "stream", "paced", "mixed")
+        }
+        self.sampler = Sampler()
+        self.started: list[Contender] = []
+        self.fakes: list[Proc] = []
+        self.commands: list[str] = []
+        self.notes: list[str] = []
+
+    # ------------------------------------------------------------------ processes
+
+    def start_fake(self, name: str, pace_ms: float = 0.0, json_delay_ms: float = 0.0) -> str:
+        port = free_port()
+        cmd = [
+            sys.executable,
+            str(BENCH_DIR / "fake_upstream.py"),
+            "--port",
+            str(port),
+            "--pace-ms",
+            f"{pace_ms:g}",
+            "--json-delay-ms",
+            f"{json_delay_ms:g}",
+        ]
+        proc = Proc(name, cmd, cpus=self.rig_cpus, log=self.work / "logs" / f"{name}.log")
+        self.fakes.append(proc)
+        wait_port("127.0.0.1", port, 15, proc.popen)
+        self._command(f"{name}:", proc.cmd, url=str(port))
+        return f"http://127.0.0.1:{port}"
+
+    def setup(self, fake_url: str) -> Setup:
+        return Setup(
+            work=self.work,
+            fake_url=fake_url,
+            rig=self.rig,
+            proxy_cpus=self.proxy_cpus,
+            quick=self.args.quick,
+            skip_install=self.args.skip_install,
+        )
+
+    def launch(self, c: Contender, fake_url: str, stream_check: bool = True) -> bool:
+        """Start ``c`` and prove it relays to the fake; on failure its status says why."""
+        if c.status != "pending":
+            if c.ok:
+                self._command(f"{c.name}:", ["(none: wrk targets the fake upstream directly)"])
+            print(f"  {c.name}: {c.status}", flush=True)
+            return c.ok
+        t0 = time.monotonic()
+        try:
+            c.start(self.work)
+            self.started.append(c)
+            check_reaches_fake(c, fake_url, self.rig.token, c.ready_timeout, stream=stream_check)
+        except RuntimeError as exc:
+            tail = c.proc.log_tail(8) if c.proc is not None else ""
+            c.status = f"failed: {exc}" + (f"; log tail: {tail[-600:]}" if tail else "")
+            c.stop()
+            print(f"  {c.name}: {c.status}", flush=True)
+            return False
+        c.status = "ok"
+        assert c.proc is not None and c.command is not None
+        self.sampler.procs.append(c.proc)
+        self._command(f"{c.name}:", c.proc.cmd, c.env)
+        print(f"  {c.name}: up in {time.monotonic() - t0:.1f}s at {c.url}", flush=True)
+        return True
+
+    def _command(self, label: str, cmd: list[str], env: dict[str, str] | None = None, url: str = "") -> None:
+        """Remember a command for RESULTS.md, with paths made relative and the contender's URL generic."""
+        prefix = ""
+        if env is not None:
+            shown = {
+                k: v
+                for k, v in env.items()
+                if k in {"GATE_PROFILES", "LITELLM_LOCAL_MODEL_COST_MAP", "LITELLM_LOG", "NO_DOCS"}
+            }
+            prefix = " ".join(f"{k}={v}" for k, v in shown.items()) + " "
+        line = f"{label} {prefix}{shlex.join(cmd)}".replace(str(self.work), "benchmarks/.work")
+        line = line.replace(str(lineup.ROOT) + "/", "")
+        if url:
+            line = line.replace(url, "http://127.0.0.1:PORT")
+        if line not in self.commands:
+            self.commands.append(line)
+
+    def close(self) -> None:
+        for c in reversed(self.started):
+            c.stop()
+        for fake in self.fakes:
+            fake.stop()
+        self.sampler.close()
+        self.rig.close()
+
+    # ------------------------------------------------------------------ measuring
+
+    def wrk(self, url: str, kind: str, connections: int, duration: float) -> dict[str, Any]:
+        run = run_wrk(url, self.scripts[kind], connections, duration, self.rig_cpus)
+        self._command("wrk:", run.command, url=url)
+        return run.as_dict()
+
+    def settle(self) -> None:
+        waited = wait_idle(list(self.sampler.procs), timeout=60)
+        if waited > 5:
+            print(f"  (waited {waited:.0f}s for the contenders' core to go idle)", flush=True)
+
+    def measure(self, c: Contender, kind: str) -> dict[str, Any]:
+        script, connections = KIND_SETTINGS[kind]
+        duration = self.args.duration
+        self.settle()
+        probe = None
+        if kind == "paced_c50":
+            window = max(0.5, duration - 1.5)
+            cmd = [
+                sys.executable,
+                str(BENCH_DIR / "ttfb_probe.py"),
+                "--url",
+                c.url,
+                "--count",
+                str(self.args.probe_count),
+                "--window",
+                f"{window:g}",
+                "--delay",
+                "1",
+            ]
+            probe = Proc("ttfb-probe", cmd, cpus=self.rig_cpus, log=self.work / "logs" / "ttfb-probe.out", env=self.env)
+            self._command("ttfb probe:", probe.cmd, url=c.url)
+        try:
+            result: dict[str, Any] = {"wrk": self.wrk(c.url, script, connections, duration)}
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            result = {"error": str(exc)}
+        if probe is not None:
+            probe.popen.wait(timeout=duration + 60)
+            lines = probe.log.read_text().strip().splitlines() if probe.log.exists() else []
+            probe.log.unlink(missing_ok=True)
+            try:
+                result["ttfb"] = json.loads(lines[-1])
+            except (IndexError, json.JSONDecodeError):
+                result["ttfb"] = {"count": 0, "error": "the probe printed no result"}
+        if c.proc is not None:
+            c.proc.trim_log()
+        return result
+
+    def warm(self, c: Contender) -> None:
+        for kind in ("json", "stream"):
+            with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+                run_wrk(c.url, self.scripts[kind], 50, 1, self.rig_cpus)
+
+    # ------------------------------------------------------------------ phases
+
+    def main_phase(self, fake_url: str) -> dict[str, Any]:
+        setup = self.setup(fake_url)
+        print("starting contenders", flush=True)
+        built = [lineup.build(name, setup) for name in self.args.names]
+        running = [c for c in built if self.launch(c, fake_url)]
+        for c in running:
+            self.warm(c)
+        runs: dict[str, dict[str, list[dict[str, Any]]]] = {c.name: {k: [] for k in c.kinds} for c in running}
+        for rnd in range(self.args.rounds):
+            order = running[rnd % len(running) :] + running[: rnd % len(running)]
+            print(f"round {rnd + 1}/{self.args.rounds}: {' '.join(c.name for c in order)}", flush=True)
+            for c in order:
+                for kind in c.kinds:
+                    result = self.measure(c, kind)
+                    runs[c.name][kind].append(result)
+                    print(f"  {c.name:10} {kind:10} {_brief(result)}", flush=True)
+        stats = fake_stats(fake_url)
+        out: dict[str, Any] = {}
+        for c in built:
+            data: dict[str, Any] = {"description": c.description, "status": c.status, "notes": c.notes}
+            if c.ok:
+                data["runs"] = runs[c.name]
+                proc = c.proc if c.proc is not None else self.fakes[0]
+                proc.rss_kb()
+                data["peak_rss_mb"] = round(proc.peak_rss_kb / 1024, 1)
+                data["hwm_mb"] = round(proc.hwm_kb() / 1024, 1)
+                if c.name == "direct":
+                    c.notes.append("peak RSS is the fake upstream's")
+            out[c.name] = data
+        gates = [c for c in built if c.name.startswith("gate") and c.ok]
+        if gates:
+            keys = stats.get("keys", {})
+            rotated = keys.get("...-a", 0) > 0 and keys.get("...-b", 0) > 0
+            for c in gates:
+                c.notes.append(f"upstream keys seen by the fake: {keys}" + ("" if rotated else " (NOT rotated)"))
+        self.stop_all()
+        return {"contenders": out, "fake_stats": stats}
+
+    def stop_all(self) -> None:
+        for c in self.started:
+            c.stop()
+            if c.proc in self.sampler.procs:
+                self.sampler.procs.remove(c.proc)
+        self.started.clear()
+
+    def target(self, name: str, setup: Setup, upstream: str) -> Contender:
+        if name == "gate":
+            return lineup.gate(setup, f"gate-{self._phase}", upstream=upstream)
+        if name == "minimal":
+            return lineup.minimal(setup, f"minimal-{self._phase}", upstream=upstream)
+        raise ValueError(f"phase target must be gate or minimal, not {name!r}")
+
+    _phase = ""
+
+    def streams_phase(self) -> dict[str, Any]:
+        self._phase = "streams"
+        hold = self.args.hold_seconds
+        pace_ms = hold * 1000 / 24  # 25 events, 24 gaps
+        fake_url = self.start_fake("fake-paced", pace_ms=pace_ms)
+        setup = self.setup(fake_url)
+        out: dict[str, Any] = {}
+        for name in self.args.streams_targets.split(","):
+            c = self.target(name, setup, fake_url)
+            if not self.launch(c, fake_url, stream_check=False):
+                out[c.name] = {"skipped" if c.status.startswith("skipped") else "error": c.status}
+                continue
+            assert c.proc is not None
+            time.sleep(1)
+            rss_before, fds_before = c.proc.rss_kb(), c.proc.fds()
+            print(f"  {c.name}: {self.args.streams} streams for {hold:.0f}s", flush=True)
+            cmd = [
+                sys.executable,
+                str(BENCH_DIR / "stream_hold.py"),
+                "--url",
+                c.url,
+                "--streams",
+                str(self.args.streams),
+                "--ramp",
+                "3",
+                "--timeout",
+                f"{hold * 3 + 30:g}",
+            ]
+            client = Proc(
+                "stream-hold", cmd, cpus=self.rig_cpus, log=self.work / "logs" / "stream-hold.out", env=self.env
+            )
+            self._command("streams client:", client.cmd, url=c.url)
+            peak_rss, peak_fds = rss_before, fds_before
+            while client.alive():
+                time.sleep(1)
+                peak_rss, peak_fds = max(peak_rss, c.proc.rss_kb()), max(peak_fds, c.proc.fds())
+            lines = client.log.read_text().strip().splitlines()
+            client.log.unlink(missing_ok=True)
+            try:
+                result = json.loads(lines[-1])
+            except (IndexError, json.JSONDecodeError):
+                out[c.name] = {"error": "the streams client printed no result: " + " ".join(lines[-3:])}
+                self.stop_all()
+                continue
+            out[c.name] = {
+                "client": result,
+                "pace_ms": pace_ms,
+                "hold_s": hold,
+                "rss_before_mb": round(rss_before / 1024, 1),
+                "peak_rss_mb": round(peak_rss / 1024, 1),
+                "fds_before": fds_before,
+                "peak_fds": peak_fds,
+            }
+            print(f"  {c.name}: {_brief_streams(out[c.name])}", flush=True)
+            self.stop_all()
+        return out
+
+    def scaling_phase(self, fake_url: str) -> dict[str, Any]:
+        setup = self.setup(fake_url)
+        cpus_all = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+        built = [lineup.gate(setup, "gate-w1", workers=1), lineup.gate(setup, "gate-w2", workers=2, cpus=cpus_all)]
+        if built[0].status != "pending":
+            return {"skipped": built[0].status}
+        pinning = {
+            "gate-w1": f"1 worker on CPU {self.proxy_cpus}",
+            "gate-w2": f"2 workers on CPUs {cpus_all}, sharing CPU {self.rig_cpus} with wrk and the fake",
+        }
+        running = [c for c in built if self.launch(c, fake_url)]
+        for c in running:
+            self.warm(c)
+        runs: dict[str, dict[str, Any]] = {}
+        for c in built:
+            if not c.ok:
+                runs[c.name] = {"error": c.status}
+        raw: dict[str, dict[str, list[float]]] = {c.name: {"json": [], "stream": []} for c in running}
+        for _ in range(self.args.scaling_rounds):
+            for c in running:
+                for kind in ("json", "stream"):
+                    try:
+                        self.settle()
+                        raw[c.name][kind].append(self.wrk(c.url, kind, 50, self.args.duration)["rps"])
+                    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                        runs[c.name] = {"error": str(exc)}
+        for c in running:
+            if c.name in runs:
+                continue
+            assert c.proc is not None
+            runs[c.name] = {
+                "pinning": pinning[c.name],
+                "json_rps": report._median(raw[c.name]["json"]),
+                "stream_rps": report._median(raw[c.name]["stream"]),
+                "peak_rss_mb": round(c.proc.peak_rss_kb / 1024, 1),
+            }
+            print(f"  {c.name}: {runs[c.name]}", flush=True)
+        self.stop_all()
+        return {
+            "runs": runs,
+            "note": "2 cores only: with 2 workers Gate shares a core with wrk and the fake "
+            "upstream, so this shows that workers start and share the port, not how "
+            "Gate scales on a bigger machine",
+        }
+
+    def soak_phase(self) -> dict[str, Any]:
+        self._phase = "soak"
+        pace_ms, json_delay_ms, connections = 4.0, 20.0, 32
+        fake_url = self.start_fake("fake-soak", pace_ms=pace_ms, json_delay_ms=json_delay_ms)
+        c = self.target(self.args.soak_target, self.setup(fake_url), fake_url)
+        if not self.launch(c, fake_url):
+            return {"skipped" if c.status.startswith("skipped") else "error": c.status}
+        assert c.proc is not None
+        seconds = max(10.0, self.args.soak_minutes * 60)
+        print(f"  {c.name}: soak for {seconds:.0f}s", flush=True)
+        cmd = [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{round(seconds)}s",
+            "--timeout=10s",
+            "-s",
+            str(self.scripts["mixed"]),
+            c.url + "/v1/messages",
+        ]
+        wrk = Proc("soak-wrk", cmd, cpus=self.rig_cpus, log=self.work / "logs" / "soak-wrk.out")
+        self._command("soak:", wrk.cmd, url=c.url)
+        t0 = time.monotonic()
+        samples: list[tuple[float, float]] = [(0.0, round(c.proc.rss_kb() / 1024, 2))]
+        next_sample = 10.0
+        while wrk.alive():
+            time.sleep(0.2)
+            elapsed = time.monotonic() - t0
+            if elapsed >= next_sample:
+                samples.append((round(elapsed, 1), round(c.proc.rss_kb() / 1024, 2)))
+                next_sample += 10.0
+                c.proc.trim_log()
+        samples.append((round(time.monotonic() - t0, 1), round(c.proc.rss_kb() / 1024, 2)))
+        text = wrk.log.read_text()
+        wrk.log.unlink(missing_ok=True)
+        self.stop_all()
+        line = next((x for x in text.splitlines() if x.startswith("WRK_JSON ")), None)
+        if line is None:
+            return {"error": "the soak's wrk printed no summary: " + text[-300:]}
+        data = json.loads(line[len("WRK_JSON ") :])
+        secs = data["duration_us"] / 1e6
+        errors = data["errors"]
+        fit_from = seconds * 0.25
+        fit = [(t, r) for t, r in samples if t >= fit_from] or samples
+        result = {
+            "target": c.name,
+            "minutes": round(seconds / 60, 2),
+            "connections": connections,
+            "pace_ms": pace_ms,
+            "json_delay_ms": json_delay_ms,
+            "rss_mb": samples,
+            "fit_from_s": fit_from,
+            "slope_mb_per_min": round(_slope(fit) * 60, 3),
+            "wrk": {
+                "rps": data["requests"] / secs,
+                "requests": data["requests"],
+                "non_2xx": errors["status"],
+                "errors": errors["connect"] + errors["read"] + errors["write"] + errors["timeout"],
+            },
+        }
+        print(
+            f"  {c.name}: slope {result['slope_mb_per_min']:+.2f} MB/min, {result['wrk']['rps']:.0f} req/s", flush=True
+        )
+        return result
+
+
+def _slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope (per second) of (seconds, MB) samples."""
+    if len(points) < 2:
+        return 0.0
+    n = len(points)
+    mx = sum(t for t, _ in points) / n
+    my = sum(r for _, r in points) / n
+    var = sum((t - mx) ** 2 for t, _ in points)
+    return sum((t - mx) * (r - my) for t, r in points) / var if var else 0.0
+
+
+def _brief(result: dict[str, Any]) -> str:
+    if "error" in result:
+        return f"error: {result['error']}"
+    w = result["wrk"]
+    text = f"{w['rps']:9,.0f} req/s  p50 {w['p50']:7.3f}  p99 {w['p99']:7.3f} ms"
+    if w["errors"] or w["non_2xx"]:
+        text += f"  errors {w['errors']} non-2xx {w['non_2xx']}"
+    t = result.get("ttfb", {})
+    if t.get("ttfb_ms"):
+        text += f"  TTFB p50 {t['ttfb_ms']['p50']:.3f} p99 {t['ttfb_ms']['p99']:.3f} (n={t['count']})"
+    return text
+
+
+def _brief_streams(s: dict[str, Any]) -> str:
+    c = s["client"]
+    return (
+        f"{c['completed']}/{c['streams']} complete, max gap {c['max_gap_ms']:.0f} ms, "
+        f"peak RSS {s['peak_rss_mb']:.0f} MB, peak fds {s['peak_fds']}"
+    )
+
+
+@contextlib.contextmanager
+def _pinned_to(cpus: str | None) -> Iterator[None]:
+    if cpus is not None:
+        os.sched_setaffinity(0, {int(x) for x in cpus.split(",")})
+    yield
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not wrk_available():
+        print("wrk is not installed: apt-get install -y wrk", file=sys.stderr)
+        return 2
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
+    t0 = time.monotonic()
+    load_start = report.loadavg()
+    bench = Bench(args)
+    phases: dict[str, Any] = {}
+    main_result: dict[str, Any] = {"contenders": {}, "fake_stats": {}}
+    estimate = _estimate(args)
+    print(f"phases {','.join(args.phases)}; about {estimate / 60:.1f} min", flush=True)
+    try:
+        with _pinned_to(bench.rig_cpus):
+            fake_url = bench.start_fake("fake")
+            if "main" in args.phases:
+                main_result = bench.main_phase(fake_url)
+            if "streams" in args.phases:
+                print("phase: streams", flush=True)
+                phases["streams"] = bench.streams_phase()
+            if "scaling" in args.phases:
+                print("phase: scaling", flush=True)
+                phases["scaling"] = bench.scaling_phase(fake_url)
+            if "soak" in args.phases:
+                print("phase: soak", flush=True)
+                phases["soak"] = bench.soak_phase()
+    finally:
+        bench.close()
+    summary = report.summarize(main_result["contenders"])
+    results = {
+        "finished": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "elapsed_s": round(time.monotonic() - t0, 1),
+        "command": shlex.join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]),
+        "config": {
+            "rounds": args.rounds,
+            "duration": args.duration,
+            "phases": args.phases,
+            "probe_count": args.probe_count,
+            "contenders": args.names,
+        },
+        "machine": report.machine_info(lineup.litellm_version()),
+        "load_start": load_start,
+        "load_end": report.loadavg(),
+        "pinning": bench.pinning,
+        "commands": bench.commands,
+        "contenders": main_result["contenders"],
+        "fake_stats": main_result["fake_stats"],
+        "summary": summary,
+        "phases": phases,
+        "notes": bench.notes,
+    }
+    results["targets"] = report.targets(summary, phases)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(report.render(results))
+    print(f"wrote {args.output} and {args.json} in {results['elapsed_s']:.0f}s", flush=True)
+    for t in results["targets"]:
+        print(f"  {t['verdict']:4}  {t['target']}: {t['value']} ({t['op']} {t['limit']})")
+    return 0
+
+
+def _estimate(args: argparse.Namespace) -> float:
+    total = 0.0
+    if "main" in args.phases:
+        total += 30 + len(args.names) * (5 + args.rounds * 3 * (args.duration + 1.5))
+    if "streams" in args.phases:
+        total += len(args.streams_targets.split(",")) * (args.hold_seconds + 20)
+    if "scaling" in args.phases:
+        total += 20 + 2 * args.scaling_rounds * 2 * (args.duration + 1)
+    if "soak" in args.phases:
+        total += args.soak_minutes * 60 + 15
+    return total
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
