@@ -332,7 +332,11 @@ async def serve(
         site: web.BaseSite = web.SockSite(runner, sock)
     else:
         site = web.TCPSite(runner, server.host, server.port, reuse_port=server.workers > 1, backlog=1024)
-    await site.start()
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()  # close the outbox, sessions and exporters before reporting the failure
+        raise
     management_runner = None
     if settings.management.server.port is not None:
         management_runner = _GuardedRunner(

@@ -711,7 +711,7 @@ class Authenticator:
     # -- reporting
 
     def health(self) -> dict[str, object]:
-        """Spring-style component: DOWN without keys, or while the JWKS endpoint fails (old keys work on)."""
+        """Spring-style component: DOWN without keys; a failing JWKS endpoint (old keys work on) shows in details."""
         if self._remote is not None:
             remote = self._remote
             return _health(
@@ -740,10 +740,13 @@ class Authenticator:
 def _health(
     *, up: bool, keys: int, last_success: float | None, last_error: str | None, source: str, now: float
 ) -> dict[str, object]:
+    # Keys in hand verify tokens whether or not the IdP answers now, so only "no keys" is DOWN; a failing
+    # refresh is reported in the details (and in gate_jwks_refreshes_total{outcome="failed"}), not as an outage.
     return {
-        "status": "UP" if up else "DOWN",
+        "status": "UP" if keys > 0 else "DOWN",
         "details": {
             "keys": keys,
+            "refreshFailing": not up,
             "lastRefresh": _iso(last_success) if last_success is not None else None,
             "ageSeconds": round(max(now - last_success, 0.0), 1) if last_success is not None else None,
             "lastError": last_error,

@@ -116,7 +116,7 @@ class LimitsSettings(_Section):
 
 
 class ServerSettings(_Section):
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", min_length=1)  # an empty host would bind every interface
     port: int = Field(8080, ge=0, le=65535)
     workers: int = Field(1, ge=1, le=256)
     shutdown: ShutdownSettings = ShutdownSettings()
@@ -264,8 +264,8 @@ class OutboxSettings(_Section):
 class UsageSettings(_Section):
     publisher: Literal["rabbitmq", "pubsub", "file", "log", "none"] = "rabbitmq"
     destination: str = "llm-gateway-usage"
-    event_type: str = "io.github.samzhu.gate.usage.v1"
-    event_source: str = "/gate/messages"
+    event_type: str = Field("io.github.samzhu.gate.usage.v1", min_length=1)
+    event_source: str = Field("/gate/messages", min_length=1)
     content_mode: Literal["structured", "binary"] = "structured"
     rabbitmq: RabbitMQSettings = RabbitMQSettings()
     pubsub: PubSubSettings = PubSubSettings()

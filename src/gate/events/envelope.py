@@ -1,14 +1,17 @@
-"""The usage CloudEvent (v1.0): one dict per ``UsageRecord``, serialised once as JSON, and its binary form.
+"""The usage CloudEvent (v1.0): one per ``UsageRecord``, serialised once as JSON, and its binary form.
 
-The event is a plain dict rendered by orjson, not an SDK ``CloudEvent`` object: building and writing one
-through the SDK costs about 12 us (and renders ``time`` with microseconds), the dict about 0.8 us. The tests
-parse every wire form back with the official ``cloudevents`` SDK to keep the two in agreement.
+Each event is built as the official SDK's ``cloudevents.core.v1.event.CloudEvent``, which validates every
+attribute against the v1.0 spec (about 3.5 us), and then written by orjson: the SDK's own JSON writer costs
+about 18 us and renders ``time`` with microseconds where consumers of the original service expect
+milliseconds. The tests parse every wire form back with the SDK to keep the two in agreement.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
+import logging
 import operator
 import os
 import time
@@ -17,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from cloudevents.core.exceptions import CloudEventValidationError
+from cloudevents.core.v1.event import CloudEvent
 
 from gate.usage import UsageRecord
 
@@ -33,6 +38,8 @@ __all__ = [
     "rfc3339_millis",
     "to_binary",
 ]
+
+log = logging.getLogger("gate.events")
 
 SPECVERSION = "1.0"
 DATA_CONTENT_TYPE = "application/json"
@@ -110,17 +117,30 @@ def build_event(
     for name in _OPTIONAL_IN_ORDER:
         if data[name] is None:
             del data[name]
-    event: dict[str, Any] = {
+    stamp = record.time or rfc3339_millis(time.time() if at is None else at)
+    attributes: dict[str, Any] = {
         "specversion": SPECVERSION,
         "id": record.event_id or event_id or new_event_id(),
         "type": event_type,
         "source": source,
     }
     if record.subject:  # the spec forbids an empty subject; a JWT always has one
-        event["subject"] = record.subject
-    event["time"] = record.time or rfc3339_millis(time.time() if at is None else at)
-    event["datacontenttype"] = DATA_CONTENT_TYPE
-    event["data"] = data
+        attributes["subject"] = record.subject
+    try:
+        attributes["time"] = datetime.datetime.fromisoformat(stamp)
+    except ValueError:
+        stamp = rfc3339_millis(time.time() if at is None else at)
+        attributes["time"] = datetime.datetime.fromisoformat(stamp)
+    attributes["datacontenttype"] = DATA_CONTENT_TYPE
+    try:
+        validated = CloudEvent(attributes, data)
+    except CloudEventValidationError:
+        # Never lose a usage event to a malformed attribute: log it and keep the event as built.
+        log.exception("usage event %s does not validate as a CloudEvent; publishing it as built", attributes["id"])
+        return {**attributes, "time": stamp, "data": data}
+    event: dict[str, Any] = validated.get_attributes()
+    event["time"] = stamp  # RFC 3339 with milliseconds, as the original service wrote it
+    event["data"] = validated.get_data()
     return event
 
 
