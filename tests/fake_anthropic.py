@@ -12,6 +12,7 @@ import gzip
 import json
 import socket
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +61,8 @@ class FakeAnthropic:
 
     def __init__(self) -> None:
         self.script: deque[Reply] = deque()
+        # Answers requests when the script is empty (instead of the fixtures), e.g. a distinct message per request.
+        self.responder: Callable[[Received], Reply] | None = None
         self.received: list[Received] = []
         self.cancelled = 0  # requests whose client went away before we finished answering
         self.completed = 0
@@ -72,6 +75,7 @@ class FakeAnthropic:
 
     def reset(self) -> None:
         self.script.clear()
+        self.responder = None
         self.received.clear()
         self.cancelled = 0
         self.completed = 0
@@ -94,11 +98,15 @@ class FakeAnthropic:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        self.received.append(
-            Received(request.method, request.rel_url.raw_path_qs, CIMultiDict(request.headers), body)
-        )
+        received = Received(request.method, request.rel_url.raw_path_qs, CIMultiDict(request.headers), body)
+        self.received.append(received)
         self._counter += 1
-        reply = self.script.popleft() if self.script else self._default(request, body)
+        if self.script:
+            reply = self.script.popleft()
+        elif self.responder is not None:
+            reply = self.responder(received)
+        else:
+            reply = self._default(request, body)
         try:
             return await self._answer(request, reply)
         except asyncio.CancelledError:
