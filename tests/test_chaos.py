@@ -458,7 +458,10 @@ async def test_sigkill_under_load_loses_at_most_a_moment_of_events(
     )
     assert set(result.by_attempt) <= set(result.upstream)
     assert all(len(events) == 1 for events in result.by_attempt.values())
-    assert len(lost) <= allowed, (sorted(lost_answered), sorted(lost_in_flight))
+    # The promise: SIGKILL loses at most the events of the last ~100 ms (the outbox commits every 50 ms). Calls
+    # still in flight had no event yet: they die with the process, one per open request at most.
+    assert len(lost_answered) <= allowed, sorted(lost_answered)
+    assert len(lost_in_flight) <= CONCURRENCY, sorted(lost_in_flight)
     # Every other call that Gate answered has its one event, with the exact counts.
     for attempt in lost_answered:
         del load.answered[attempt]
