@@ -125,11 +125,15 @@ def pubsub_reader(puller: PubSubPuller) -> Callable[[int], Awaitable[list[dict[s
         received = await asyncio.to_thread(puller.pull, count, 30.0)
         events = []
         for item in received:
+            # Pub/Sub's default is binary mode: ce-* attributes, the data as the message body.
             attributes = dict(item.message.attributes)
-            assert attributes == {"Content-Type": "application/cloudevents+json"}
+            assert attributes["Content-Type"] == "application/json"
+            assert attributes["ce-specversion"] == "1.0"
             data = bytes(item.message.data)
-            event = orjson.loads(data)
-            sdk_event = from_http(attributes, data)
+            event: dict[str, Any] = {name[3:]: value for name, value in attributes.items() if name.startswith("ce-")}
+            event["datacontenttype"] = attributes["Content-Type"]
+            event["data"] = orjson.loads(data)
+            sdk_event = from_http({name.lower(): value for name, value in attributes.items()}, data)
             assert sdk_event["id"] == event["id"] and sdk_event.data == event["data"]
             events.append(event)
         return events

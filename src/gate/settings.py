@@ -266,7 +266,8 @@ class UsageSettings(_Section):
     destination: str = "llm-gateway-usage"
     event_type: str = Field("io.github.samzhu.gate.usage.v1", min_length=1)
     event_source: str = Field("/gate/messages", min_length=1)
-    content_mode: Literal["structured", "binary"] = "structured"
+    # None: each sink's convention, structured for RabbitMQ and binary (ce-* attributes) for Pub/Sub.
+    content_mode: Literal["structured", "binary"] | None = None
     rabbitmq: RabbitMQSettings = RabbitMQSettings()
     pubsub: PubSubSettings = PubSubSettings()
     file: FileSinkSettings = FileSinkSettings()

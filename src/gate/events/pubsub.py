@@ -56,7 +56,7 @@ class PubSubSink:
         self._emulator = settings.pubsub.emulator_host or os.environ.get("PUBSUB_EMULATOR_HOST") or None
         self._create_topic = settings.pubsub.create_topic
         self._timeout = settings.pubsub.publish_timeout
-        self._binary = settings.content_mode == "binary"
+        self._binary = settings.content_mode != "structured"  # binary (ce-* attributes) unless told otherwise
         self._client: Any = None
         self._topic: str | None = None
         self._connected = False
