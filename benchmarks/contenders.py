@@ -60,6 +60,7 @@ class Contender:
     status: str = "pending"  # ok | skipped: why | failed: why
     kinds: tuple[str, ...] = ("json_c1", "json_c50", "stream_c50", "paced_c50")  # measurements to run
     notes: list[str] = field(default_factory=list)
+    config: Path | None = None  # the generated configuration file, shown in RESULTS.md
 
     @property
     def ok(self) -> bool:
@@ -133,7 +134,7 @@ http {{
     }}
 }}
 """)
-    c.command = [binary, "-p", str(prefix), "-c", str(conf)]
+    c.command, c.config = [binary, "-p", str(prefix), "-c", str(conf)], conf
     c.cpus, c.url = setup.proxy_cpus, f"http://127.0.0.1:{c.port}"
     return c
 
@@ -228,6 +229,7 @@ def litellm(setup: Setup) -> Contender:
             indent=2,
         )
     )
+    c.config = config
     c.command = [
         str(binary),
         "--config",
@@ -306,7 +308,7 @@ def gate(
         outbox=outbox,
         workers=workers,
     )
-    c.command = [str(binary), "serve", "--config", str(config), "--workers", str(workers)]
+    c.command, c.config = [str(binary), "serve", "--config", str(config), "--workers", str(workers)], config
     c.env = clean_env(GATE_PROFILES="bench")
     c.cwd, c.cpus, c.url = home, cpus or setup.proxy_cpus, f"http://127.0.0.1:{c.port}"
     return c

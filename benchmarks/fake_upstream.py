@@ -16,6 +16,7 @@ import json
 import os
 import signal
 from collections import Counter
+from collections.abc import Mapping
 from typing import cast
 
 MODEL = "claude-sonnet-4-5-20250929"
@@ -59,7 +60,7 @@ def message_json() -> bytes:
 def sse_events() -> list[bytes]:
     """25 SSE events: message_start, content_block_start, ping, 19 deltas, stop, message_delta, message_stop."""
 
-    def event(name: str, data: dict[str, object]) -> bytes:
+    def event(name: str, data: Mapping[str, object]) -> bytes:
         return f"event: {name}\ndata: {_compact(data)}\n\n".encode()
 
     start = {

@@ -199,6 +199,10 @@ def render(results: dict[str, Any]) -> str:
         *results["commands"],
         "```",
         "",
+    ]
+    for path, text in results.get("configs", {}).items():
+        lines += [f"`{path}` (generated; ports and key values made generic here):", "", "```", text.rstrip(), "```", ""]
+    lines += [
         "## Results (c=50 unless noted; latency in ms)",
         "",
         "| contender | JSON req/s | JSON p50 | JSON p99 | stream req/s | stream p50 | stream p99 "

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import resource
 import shlex
 import subprocess
@@ -30,6 +31,7 @@ from procs import Proc, free_port, wait_idle, wait_port
 
 BENCH_DIR = Path(__file__).resolve().parent
 PHASES = ("main", "streams", "scaling", "soak")
+SHOWN_ENV = {"GATE_PROFILES", "LITELLM_LOCAL_MODEL_COST_MAP", "LITELLM_LOG", "NO_DOCS"}
 # measurement -> (wrk script, connections). paced_c50 also runs the TTFB probe.
 KIND_SETTINGS = {
     "json_c1": ("json", 1),
@@ -46,21 +48,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--only", help=f"comma-separated contenders (direct always runs); of {','.join(lineup.ALL)}")
     p.add_argument("--phases", help=f"comma-separated phases of {','.join(PHASES)} (default all; --quick: main)")
-    p.add_argument("--duration", type=float, help="seconds per wrk measurement (default 8; --quick 2)")
+    p.add_argument("--duration", type=float, help="seconds per wrk measurement (default 7; --quick 2)")
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 3; --quick 1)")
     p.add_argument("--skip-install", action="store_true", help="never create benchmarks/.venv-litellm")
     p.add_argument("--soak-minutes", type=float, default=2.0, help="soak length (default 2; the issue's is 10)")
     p.add_argument("--streams", type=int, default=2000, help="concurrent streams in the streams phase")
     p.add_argument("--hold-seconds", type=float, default=30.0, help="how long each of those streams lasts")
-    p.add_argument("--streams-targets", default="gate", help="contenders for the streams phase (gate,minimal)")
+    p.add_argument(
+        "--streams-targets",
+        default="direct,gate",
+        help="contenders for the streams phase, of direct,gate,minimal (direct: the client's and fake's own gaps)",
+    )
     p.add_argument("--soak-target", default="gate", help="contender for the soak (gate or minimal)")
     p.add_argument("--scaling-rounds", type=int, default=1, help="rounds of the workers=1,2 comparison")
     p.add_argument("--probe-count", type=int, default=200, help="TTFB probes per stream measurement")
-    p.add_argument("--output", type=Path, default=BENCH_DIR / "RESULTS.md")
-    p.add_argument("--json", type=Path, default=BENCH_DIR / "results" / "latest.json")
+    p.add_argument("--output", type=Path, help="default RESULTS.md for a full run, else .work/RESULTS-partial.md")
+    p.add_argument("--json", type=Path, help="default results/latest.json for a full run, else under .work/")
     p.add_argument("--work-dir", type=Path, default=BENCH_DIR / ".work")
     args = p.parse_args(argv)
-    args.duration = args.duration or (2.0 if args.quick else 8.0)
+    args.duration = args.duration or (2.0 if args.quick else 7.0)
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.phases = [x for x in (args.phases or ("main" if args.quick else ",".join(PHASES))).split(",") if x]
     unknown = set(args.phases) - set(PHASES)
@@ -71,12 +77,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown contenders: {', '.join(sorted(unknown))}")
     args.names = ["direct", *[n for n in names if n != "direct"]]
+    # Only a run of every contender and phase replaces the committed results; a partial one goes under .work/.
+    full = not args.quick and set(args.names) == set(lineup.ALL) and set(args.phases) == set(PHASES)
+    tag = "" if full else ("-quick" if args.quick else "-partial")
+    args.output = args.output or (BENCH_DIR / "RESULTS.md" if full else args.work_dir / f"RESULTS{tag}.md")
+    args.json = args.json or (BENCH_DIR / "results" / "latest.json" if full else args.work_dir / f"latest{tag}.json")
     return args
 
 
-def cpu_plan() -> tuple[str | None, str | None, str]:
+def cpu_plan(cpus: list[int]) -> tuple[str | None, str | None, str]:
     """(contender CPUs, load-rig CPUs, description)."""
-    cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         return None, None, "one CPU only: nothing pinned (contender and load rig share it)"
     return (
@@ -115,7 +125,8 @@ class Bench:
         self.args = args
         self.work: Path = args.work_dir.resolve()
         self.work.mkdir(parents=True, exist_ok=True)
-        self.proxy_cpus, self.rig_cpus, self.pinning = cpu_plan()
+        self.all_cpus = sorted(os.sched_getaffinity(0))  # before the harness pins itself to the rig's CPU
+        self.proxy_cpus, self.rig_cpus, self.pinning = cpu_plan(self.all_cpus)
         self.rig = GateRig()
         self.env = dict(os.environ, BENCH_TOKEN=self.rig.token)
         self.scripts = {
@@ -126,6 +137,7 @@ class Bench:
         self.started: list[Contender] = []
         self.fakes: list[Proc] = []
         self.commands: list[str] = []
+        self.configs: dict[str, str] = {}
         self.notes: list[str] = []
 
     # ------------------------------------------------------------------ processes
@@ -144,8 +156,9 @@ class Bench:
         ]
         proc = Proc(name, cmd, cpus=self.rig_cpus, log=self.work / "logs" / f"{name}.log")
         self.fakes.append(proc)
+        self.sampler.procs.append(proc)  # its peak RSS is direct's; and settle() waits for it too
         wait_port("127.0.0.1", port, 15, proc.popen)
-        self._command(f"{name}:", proc.cmd, url=str(port))
+        self._command(f"{name}:", proc.cmd)
         return f"http://127.0.0.1:{port}"
 
     def setup(self, fake_url: str) -> Setup:
@@ -162,7 +175,7 @@ class Bench:
         """Start ``c`` and prove it relays to the fake; on failure its status says why."""
         if c.status != "pending":
             if c.ok:
-                self._command(f"{c.name}:", ["(none: wrk targets the fake upstream directly)"])
+                self.commands.append(f"{c.name}: (no process: wrk and the probe target the fake upstream)")
             print(f"  {c.name}: {c.status}", flush=True)
             return c.ok
         t0 = time.monotonic()
@@ -180,25 +193,31 @@ class Bench:
         assert c.proc is not None and c.command is not None
         self.sampler.procs.append(c.proc)
         self._command(f"{c.name}:", c.proc.cmd, c.env)
+        if c.config is not None:
+            self._config(c.config)
         print(f"  {c.name}: up in {time.monotonic() - t0:.1f}s at {c.url}", flush=True)
         return True
 
-    def _command(self, label: str, cmd: list[str], env: dict[str, str] | None = None, url: str = "") -> None:
-        """Remember a command for RESULTS.md, with paths made relative and the contender's URL generic."""
+    def _command(self, label: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
+        """Remember a command for RESULTS.md, paths relative to the repository and ports made generic."""
         prefix = ""
         if env is not None:
-            shown = {
-                k: v
-                for k, v in env.items()
-                if k in {"GATE_PROFILES", "LITELLM_LOCAL_MODEL_COST_MAP", "LITELLM_LOG", "NO_DOCS"}
-            }
+            shown = {k: v for k, v in env.items() if k in SHOWN_ENV}
             prefix = " ".join(f"{k}={v}" for k, v in shown.items()) + " "
         line = f"{label} {prefix}{shlex.join(cmd)}".replace(str(self.work), "benchmarks/.work")
         line = line.replace(str(lineup.ROOT) + "/", "")
-        if url:
-            line = line.replace(url, "http://127.0.0.1:PORT")
+        line = re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", line)
+        line = re.sub(r"--port \d+", "--port PORT", line)
         if line not in self.commands:
             self.commands.append(line)
+
+    def _config(self, path: Path) -> None:
+        """Remember a generated config for RESULTS.md, ports made generic and key values masked."""
+        text = re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", path.read_text())
+        text = re.sub(r"\bport: \d+", "port: PORT", text)
+        text = re.sub(r"sk-ant-[A-Za-z0-9_-]+", "sk-ant-...", text).replace(str(self.work), "benchmarks/.work")
+        if text not in self.configs.values():
+            self.configs[str(path).replace(str(self.work), "benchmarks/.work")] = text
 
     def close(self) -> None:
         for c in reversed(self.started):
@@ -212,7 +231,7 @@ class Bench:
 
     def wrk(self, url: str, kind: str, connections: int, duration: float) -> dict[str, Any]:
         run = run_wrk(url, self.scripts[kind], connections, duration, self.rig_cpus)
-        self._command("wrk:", run.command, url=url)
+        self._command("wrk:", run.command)
         return run.as_dict()
 
     def settle(self) -> None:
@@ -240,7 +259,7 @@ class Bench:
                 "1",
             ]
             probe = Proc("ttfb-probe", cmd, cpus=self.rig_cpus, log=self.work / "logs" / "ttfb-probe.out", env=self.env)
-            self._command("ttfb probe:", probe.cmd, url=c.url)
+            self._command("ttfb probe:", probe.cmd)
         try:
             result: dict[str, Any] = {"wrk": self.wrk(c.url, script, connections, duration)}
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
@@ -293,12 +312,13 @@ class Bench:
                 if c.name == "direct":
                     c.notes.append("peak RSS is the fake upstream's")
             out[c.name] = data
-        gates = [c for c in built if c.name.startswith("gate") and c.ok]
-        if gates:
+        if any(c.name.startswith("gate") and c.ok for c in built):
             keys = stats.get("keys", {})
             rotated = keys.get("...-a", 0) > 0 and keys.get("...-b", 0) > 0
-            for c in gates:
-                c.notes.append(f"upstream keys seen by the fake: {keys}" + ("" if rotated else " (NOT rotated)"))
+            self.notes.append(
+                f"Upstream keys seen by the fake in the main run, by last characters: {keys} (Gate's are -a and "
+                "-b, LiteLLM's lm)" + ("" if rotated else ": Gate did NOT rotate its two keys")
+            )
         self.stop_all()
         return {"contenders": out, "fake_stats": stats}
 
@@ -310,11 +330,15 @@ class Bench:
         self.started.clear()
 
     def target(self, name: str, setup: Setup, upstream: str) -> Contender:
+        if name == "direct":
+            c = lineup.direct(setup)
+            c.name = f"direct-{self._phase}"
+            return c
         if name == "gate":
             return lineup.gate(setup, f"gate-{self._phase}", upstream=upstream)
         if name == "minimal":
             return lineup.minimal(setup, f"minimal-{self._phase}", upstream=upstream)
-        raise ValueError(f"phase target must be gate or minimal, not {name!r}")
+        raise ValueError(f"phase target must be direct, gate or minimal, not {name!r}")
 
     _phase = ""
 
@@ -330,9 +354,9 @@ class Bench:
             if not self.launch(c, fake_url, stream_check=False):
                 out[c.name] = {"skipped" if c.status.startswith("skipped") else "error": c.status}
                 continue
-            assert c.proc is not None
+            proc = c.proc or self.fakes[-1]  # direct: the fake's own memory and fds
             time.sleep(1)
-            rss_before, fds_before = c.proc.rss_kb(), c.proc.fds()
+            rss_before, fds_before = proc.rss_kb(), proc.fds()
             print(f"  {c.name}: {self.args.streams} streams for {hold:.0f}s", flush=True)
             cmd = [
                 sys.executable,
@@ -349,11 +373,11 @@ class Bench:
             client = Proc(
                 "stream-hold", cmd, cpus=self.rig_cpus, log=self.work / "logs" / "stream-hold.out", env=self.env
             )
-            self._command("streams client:", client.cmd, url=c.url)
+            self._command("streams client:", client.cmd)
             peak_rss, peak_fds = rss_before, fds_before
             while client.alive():
                 time.sleep(1)
-                peak_rss, peak_fds = max(peak_rss, c.proc.rss_kb()), max(peak_fds, c.proc.fds())
+                peak_rss, peak_fds = max(peak_rss, proc.rss_kb()), max(peak_fds, proc.fds())
             lines = client.log.read_text().strip().splitlines()
             client.log.unlink(missing_ok=True)
             try:
@@ -377,7 +401,7 @@ class Bench:
 
     def scaling_phase(self, fake_url: str) -> dict[str, Any]:
         setup = self.setup(fake_url)
-        cpus_all = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+        cpus_all = ",".join(str(c) for c in self.all_cpus)
         built = [lineup.gate(setup, "gate-w1", workers=1), lineup.gate(setup, "gate-w2", workers=2, cpus=cpus_all)]
         if built[0].status != "pending":
             return {"skipped": built[0].status}
@@ -441,7 +465,7 @@ class Bench:
             c.url + "/v1/messages",
         ]
         wrk = Proc("soak-wrk", cmd, cpus=self.rig_cpus, log=self.work / "logs" / "soak-wrk.out")
-        self._command("soak:", wrk.cmd, url=c.url)
+        self._command("soak:", wrk.cmd)
         t0 = time.monotonic()
         samples: list[tuple[float, float]] = [(0.0, round(c.proc.rss_kb() / 1024, 2))]
         next_sample = 10.0
@@ -572,6 +596,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_end": report.loadavg(),
         "pinning": bench.pinning,
         "commands": bench.commands,
+        "configs": bench.configs,
         "contenders": main_result["contenders"],
         "fake_stats": main_result["fake_stats"],
         "summary": summary,
