@@ -125,6 +125,8 @@ class Bench:
         self.args = args
         self.work: Path = args.work_dir.resolve()
         self.work.mkdir(parents=True, exist_ok=True)
+        for old_log in (self.work / "logs").glob("*"):  # access logs of earlier runs can be large
+            old_log.unlink()
         self.all_cpus = sorted(os.sched_getaffinity(0))  # before the harness pins itself to the rig's CPU
         self.proxy_cpus, self.rig_cpus, self.pinning = cpu_plan(self.all_cpus)
         self.rig = GateRig()
