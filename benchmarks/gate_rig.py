@@ -51,6 +51,33 @@ class JwksServer:
         self.httpd.server_close()
 
 
+BENCH_EXCHANGE = "llm-gateway-usage"
+BENCH_QUEUE = "gate-bench-usage"
+
+
+def bind_usage_queue() -> None:
+    """A bounded queue bound to the usage exchange, as a deployment's consumer would have.
+
+    Without one, RabbitMQ returns every event as unroutable and Gate (rightly) keeps retrying them, which would
+    measure a misconfiguration. The queue keeps the newest 100,000 events and needs no consumer.
+    """
+    import asyncio
+
+    import aio_pika
+
+    async def declare() -> None:
+        connection = await aio_pika.connect("amqp://guest:guest@127.0.0.1:5672/")
+        async with connection:
+            channel = await connection.channel()
+            exchange = await channel.declare_exchange(BENCH_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+            queue = await channel.declare_queue(
+                BENCH_QUEUE, durable=True, arguments={"x-max-length": 100_000, "x-overflow": "drop-head"}
+            )
+            await queue.bind(exchange, routing_key="#")
+
+    asyncio.run(declare())
+
+
 class GateRig:
     """One signing key for the whole run; the token it mints is what every contender receives."""
 
@@ -71,6 +98,8 @@ class GateRig:
         self, path: Path, *, port: int, upstream: str, publisher: str, outbox: Path, workers: int = 1
     ) -> Path:
         """A Gate config with everything on (JWT, 2 keys, metering, outbox, tracing and metrics defaults)."""
+        if publisher == "rabbitmq":
+            bind_usage_queue()
         config = {
             "server": {"host": "127.0.0.1", "port": port, "workers": workers},
             "security": {"jwt": {"jwk-set-uri": self.server.uri}},

@@ -24,6 +24,7 @@ from gate.errors import error_body, error_response
 from gate.events import UsageEvents
 from gate.health import Health
 from gate.keys import KeyPool
+from gate.logs import flush_access_log
 from gate.relay import Relay
 from gate.settings import GateSettings
 from gate.telemetry import Telemetry
@@ -162,6 +163,7 @@ class Gate:
 
     async def stop(self) -> None:
         self.draining = True
+        flush_access_log()
         await self.events.close(self.settings.server.shutdown.flush_timeout)
         await self.auth.close()
         await self.upstream.close()

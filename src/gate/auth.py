@@ -318,8 +318,7 @@ class RemoteJwks:
             ok = await self._fetch_shared()
         if not ok:
             log.error(
-                "JWKS %s unreachable at start (%s): refusing every token until it answers; retrying in the "
-                "background",
+                "JWKS %s unreachable at start (%s): refusing every token until it answers; retrying in the background",
                 self.source,
                 self.last_error,
             )
@@ -472,9 +471,7 @@ class Authenticator:
 
     on_refresh: Callable[[bool], None] | None
 
-    def __init__(
-        self, settings: JwtSettings, *, dev_auth: bool, clock: Callable[[], float] = time.time
-    ) -> None:
+    def __init__(self, settings: JwtSettings, *, dev_auth: bool, clock: Callable[[], float] = time.time) -> None:
         if dev_auth and settings.jwk_set_uri:
             raise ValueError("development auth and a jwk-set-uri exclude each other")
         if not dev_auth and not settings.jwk_set_uri:
@@ -620,8 +617,7 @@ class Authenticator:
         if verifier is None:
             raise AuthError(
                 "algorithm",
-                f"the token's algorithm {algorithm} does not fit its key ({key.label}, "
-                f"{'/'.join(key.algorithms)})",
+                f"the token's algorithm {algorithm} does not fit its key ({key.label}, {'/'.join(key.algorithms)})",
             )
         self.verifications += 1
         try:
@@ -681,9 +677,7 @@ class Authenticator:
         if not isinstance(sub, str) or not sub.strip():
             raise AuthError("missing_sub", "the token names no subject (sub), so the caller is unknown")
         issuer = payload.get("iss")
-        return Identity(
-            sub=sub, expires_at=expires, issuer=issuer if isinstance(issuer, str) else None, key_id=kid
-        )
+        return Identity(sub=sub, expires_at=expires, issuer=issuer if isinstance(issuer, str) else None, key_id=kid)
 
     def _cache_until(self, _digest: bytes, identity: Identity, now: float) -> float:
         return identity.expires_at if identity.expires_at is not None else now + _NO_EXP_CACHE_SECONDS

@@ -216,13 +216,14 @@ class CircuitBreaker:
             self._open_until = self._clock() + self._wait
             logger.warning(
                 "circuit breaker %s -> OPEN (%s over %d calls); rejecting calls for %.1f s",
-                old, rates, window.calls, self._wait,
+                old,
+                rates,
+                window.calls,
+                self._wait,
             )
         elif new is BreakerState.HALF_OPEN:
             self._fresh_window(self._half_open_calls, self._half_open_calls)
-            logger.warning(
-                "circuit breaker OPEN -> HALF_OPEN; letting %d trial calls through", self._half_open_calls
-            )
+            logger.warning("circuit breaker OPEN -> HALF_OPEN; letting %d trial calls through", self._half_open_calls)
         else:
             logger.warning("circuit breaker %s -> CLOSED (%s over the trial calls)", old, rates)
             self._fresh_window(self._window_size, self._closed_minimum)

@@ -16,9 +16,7 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gate", description="Enterprise gateway for Anthropic's Messages API."
-    )
+    parser = argparse.ArgumentParser(prog="gate", description="Enterprise gateway for Anthropic's Messages API.")
     parser.add_argument("--version", action="version", version=f"gate {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -39,9 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (server.host)")
     serve.add_argument("--port", type=int, help="listen port (server.port)")
     serve.add_argument("--workers", type=int, help="processes sharing the port (server.workers)")
-    serve.add_argument(
-        "--log-format", choices=("json", "console"), help="log format (observability.logging.format)"
-    )
+    serve.add_argument("--log-format", choices=("json", "console"), help="log format (observability.logging.format)")
 
     config = commands.add_parser("config", help="print the effective configuration, secrets masked")
     with_config(config)

@@ -106,7 +106,9 @@ class KeyPool:
         if self._take_out(alias, seconds, "quarantined"):
             logger.error(
                 "Anthropic rejected key %r with HTTP %d: quarantined for %.0f s; check or replace this key",
-                alias, status, seconds,
+                alias,
+                status,
+                seconds,
             )
             self._emit("quarantine", alias)
 
@@ -123,11 +125,13 @@ class KeyPool:
             back_in = until - now
             if state != "available" and back_in <= 0:
                 state = "available"  # due back; the next acquire puts it back in rotation
-            entries.append({
-                "alias": key.alias,
-                "state": state,
-                "availableInSeconds": round(back_in, 3) if state != "available" else 0.0,
-            })
+            entries.append(
+                {
+                    "alias": key.alias,
+                    "state": state,
+                    "availableInSeconds": round(back_in, 3) if state != "available" else 0.0,
+                }
+            )
         available = sum(1 for entry in entries if entry["state"] == "available")
         return {"count": len(self._keys), "available": available, "keys": entries}
 

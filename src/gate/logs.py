@@ -6,9 +6,11 @@ and libraries' included: Anthropic keys, JWTs and ``Bearer`` credentials never r
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from typing import IO, Any, Final, Literal
@@ -23,6 +25,7 @@ __all__ = [
     "RedactingFilter",
     "access_log",
     "configure_logging",
+    "flush_access_log",
     "redact",
 ]
 
@@ -204,6 +207,68 @@ class ConsoleFormatter(logging.Formatter):
 class _GateHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """The handler ``configure_logging`` owns (and replaces when called again)."""
 
+    access: _AccessWriter | None = None  # the fast path for access lines, with the JSON format only
+
+
+class _AccessWriter:
+    """Access lines in the JsonFormatter's shape without the logging machinery, written a loop turn at a time.
+
+    Measured, one access line through ``logging`` (record, filter, formatter, handler lock, a write and a
+    flush) cost ~15 us, a sixth of a proxied request. Here a line is one orjson call, the same redaction, and
+    the lines that one turn of the event loop produces go out in one write; ``flush`` also runs at shutdown.
+    """
+
+    _MAX_PENDING: Final = 256  # write inline past this, so a loop that never yields cannot hold lines back
+
+    def __init__(self, handler: _GateHandler) -> None:
+        self._handler = handler
+        self._clock = _Clock()
+        self._pending: list[str] = []
+        self._scheduled = False
+        self._lock = threading.Lock()  # several loops (tests, in threads) may share one process's stdout
+
+    def write(self, message: str, fields: dict[str, Any]) -> None:
+        document: dict[str, Any] = {
+            "time": self._clock.format(time.time()),
+            "level": "INFO",
+            "logger": ACCESS_LOGGER.name,
+            "message": message,
+        }
+        document.update(fields)
+        line = redact(orjson.dumps(document, default=str).decode())
+        with self._lock:
+            self._pending.append(line)
+            if len(self._pending) >= self._MAX_PENDING:
+                self._write_locked()
+                return
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            asyncio.get_running_loop().call_soon(self.flush)
+        except RuntimeError:  # no loop: write now
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            self._scheduled = False
+            self._write_locked()
+
+    def _write_locked(self) -> None:
+        if not self._pending:
+            return
+        text = "\n".join(self._pending) + "\n"
+        self._pending = []
+        handler = self._handler
+        handler.acquire()
+        try:
+            handler.stream.write(text)
+            handler.flush()
+        except (OSError, ValueError):  # a closed stdout must not break a request
+            pass
+        finally:
+            handler.release()
+
 
 def configure_logging(
     format: Literal["json", "console"], level: str, *, stream: IO[str] | None = None
@@ -214,6 +279,8 @@ def configure_logging(
         root.removeHandler(handler)
     handler = _GateHandler(sys.stdout if stream is None else stream)
     handler.setFormatter(JsonFormatter() if format == "json" else ConsoleFormatter())
+    if format == "json":
+        handler.access = _AccessWriter(handler)
     handler.addFilter(RedactingFilter())
     root.addHandler(handler)
     root.setLevel(level.upper())
@@ -241,4 +308,26 @@ def access_log(*, method: str, path: str, status: int, latency_ms: float, **fiel
     for key, value in fields.items():
         if value is not None:
             extra[f"{key}_" if key in _RESERVED else key] = value
+    writer = _fast_access_writer()
+    if writer is not None:
+        writer.write(f"{method} {path} {status} {latency_ms:.1f}ms", extra)
+        return
     ACCESS_LOGGER.info("%s %s %s %.1fms", method, path, status, latency_ms, extra=extra)
+
+
+def _fast_access_writer() -> _AccessWriter | None:
+    """The JSON handler's writer, when it is the only place access lines go (no test or extra handler)."""
+    if ACCESS_LOGGER.handlers or not ACCESS_LOGGER.propagate:
+        return None
+    handlers = logging.getLogger().handlers
+    if len(handlers) != 1:
+        return None
+    handler = handlers[0]
+    return handler.access if isinstance(handler, _GateHandler) else None
+
+
+def flush_access_log() -> None:
+    """Write out access lines still waiting for their loop turn (at shutdown)."""
+    writer = _fast_access_writer()
+    if writer is not None:
+        writer.flush()

@@ -11,9 +11,7 @@ import asyncio
 import logging
 import math
 import time
-import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from time import perf_counter
 from typing import Any
 
@@ -26,6 +24,7 @@ from gate.auth import Authenticator, AuthError, Identity, www_authenticate
 from gate.breaker import CircuitBreaker, CircuitOpenError, Permit
 from gate.errors import error_response
 from gate.events import UsageEvents
+from gate.events.envelope import rfc3339_millis
 from gate.keys import Key, KeyPool, NoKeyAvailable
 from gate.logs import access_log
 from gate.settings import GateSettings
@@ -181,9 +180,7 @@ class Relay:
             identity = await self._auth.authenticate(headers.get(_AUTHORIZATION), headers.get(_X_API_KEY))
         except AuthError as exc:
             self._telemetry.on_auth_failure(exc.reason)
-            return error_response(
-                401, exc.message, headers={"WWW-Authenticate": www_authenticate(exc)}
-            )
+            return error_response(401, exc.message, headers={"WWW-Authenticate": www_authenticate(exc)})
         call.sub = identity.sub
         body: bytes | None = None
         if request.method == "POST":
@@ -205,6 +202,8 @@ class Relay:
         if length is not None and length > self._max_body:
             return error_response(413, f"Request body is larger than the gateway's limit of {self._max_body} bytes.")
         try:
+            if request.content.is_eof():  # the whole body came with the headers: no deadline needed
+                return await request.read()
             async with asyncio.timeout(self._body_timeout):
                 return await request.read()
         except web.HTTPRequestEntityTooLarge:
@@ -430,8 +429,11 @@ class Relay:
     ) -> web.StreamResponse:
         started = perf_counter()
         try:
-            async with asyncio.timeout(self._idle_timeout):
+            if upstream.content.is_eof():  # the whole answer came with the headers: no deadline needed
                 body = await upstream.read()
+            else:
+                async with asyncio.timeout(self._idle_timeout):
+                    body = await upstream.read()
         except TimeoutError:
             raise _UpstreamBroke("timeout_error") from None
         except aiohttp.ClientError:
@@ -536,8 +538,8 @@ class Relay:
             web_fetch_requests=meter.web_fetch_requests if meter else None,
             service_tier=meter.service_tier if meter else None,
             claude_code_session_id=call.session_id,
-            event_id=uuid.uuid4().hex,
-            time=_rfc3339_ms(now),
+            event_id="",  # the outbox gives it an id, in batches, as it stores it (stable from then on)
+            time=rfc3339_millis(now),
         )
         call.records.append(record)
         call.meter = None
@@ -658,8 +660,3 @@ def _error_type_for(status: int) -> str:
         504: "timeout_error",
         529: "overloaded_error",
     }.get(status, "api_error" if status >= 500 else "invalid_request_error")
-
-
-def _rfc3339_ms(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-

@@ -7,6 +7,7 @@ so the client receives upstream's bytes exactly.
 
 from __future__ import annotations
 
+import urllib.request
 from collections.abc import Iterable, Mapping
 
 import aiohttp
@@ -87,12 +88,21 @@ def response_headers(upstream: Mapping[str, str], *, keep_length: bool) -> CIMul
     return out
 
 
+def egress_proxy(url: str) -> str | None:
+    """The proxy from HTTPS_PROXY / HTTP_PROXY / NO_PROXY (curl's conventions, via urllib) for ``url``, or None."""
+    target = URL(url)
+    if target.host is None or urllib.request.proxy_bypass(target.host):
+        return None
+    return urllib.request.getproxies().get(target.scheme)
+
+
 class Upstream:
     """Owns the connection pool to Anthropic; ``request`` sends one call and returns the response headers."""
 
     def __init__(self, settings: AnthropicApiSettings) -> None:
         self.base_url = settings.base_url
         self.server_address = URL(settings.base_url).host or ""
+        self.proxy = egress_proxy(settings.base_url) if settings.use_env_proxy else None
         self._settings = settings
         self._session: aiohttp.ClientSession | None = None
 
@@ -119,7 +129,9 @@ class Upstream:
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
             cookie_jar=aiohttp.DummyCookieJar(),  # never share one user's cookies with another
-            trust_env=self._settings.use_env_proxy,
+            # trust_env would look proxies and ~/.netrc up again, in a thread, on every request: the egress
+            # proxy is resolved once in __init__ instead.
+            trust_env=False,
         )
 
     async def close(self) -> None:
@@ -131,5 +143,5 @@ class Upstream:
         self, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes | None
     ) -> aiohttp.client._RequestContextManager:
         return self.session.request(
-            method, self.base_url + path_qs, headers=headers, data=body, allow_redirects=False
+            method, self.base_url + path_qs, headers=headers, data=body, allow_redirects=False, proxy=self.proxy
         )

@@ -52,7 +52,7 @@ class Outbox:
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
             self._db.execute("PRAGMA journal_mode=WAL")
-            # FULL: a commit is on disk before we rely on it (power loss included); one fsync per 50 ms batch.
+            # FULL: a commit is on disk before we rely on it (power loss included); one fsync per commit-interval batch.
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute(_SCHEMA)
             (count,) = self._db.execute("SELECT count(*) FROM usage_outbox").fetchone()

@@ -246,9 +246,15 @@ class UsageEvents:
     # ------------------------------------------------------------------------------------------ writer thread
 
     def _write_loop(self) -> None:
+        # A fixed cadence, not "interval after the last commit": under load a commit (building events with the
+        # GIL shared, then an fsync) takes a while, and waiting a whole interval after it would stretch the window
+        # a SIGKILL can lose.
         interval = self._settings.outbox.commit_interval
-        while not self._stop_writer.wait(interval):
+        deadline = time.monotonic() + interval
+        while not self._stop_writer.wait(max(deadline - time.monotonic(), 0.0)):
+            deadline += interval
             self._commit()
+            deadline = max(deadline, time.monotonic())  # after a stall, do not fire a burst of catch-up commits
         self._commit()  # what was published up to close
 
     def _commit(self) -> None:
