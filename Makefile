@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint bench bench-quick lock clean
+.PHONY: install run test lint bench bench-quick bench-soak lock clean
 
 install: $(STAMP)
 
@@ -29,11 +29,17 @@ lint: install
 	$(BIN)/ruff format --check src
 	$(BIN)/mypy
 
+# The full suite (~13 min, unattended): rewrites benchmarks/RESULTS.md and benchmarks/results/latest.json.
 bench: install
 	$(BIN)/python benchmarks/run.py
 
+# One short round; writes benchmarks/.work/RESULTS-quick.md.
 bench-quick: install
 	$(BIN)/python benchmarks/run.py --quick
+
+# The 10-minute soak of Gate alone; writes benchmarks/.work/RESULTS-partial.md.
+bench-soak: install
+	$(BIN)/python benchmarks/run.py --phases soak --soak-minutes 10
 
 # Re-resolve the pinned dependency set after editing pyproject.toml.
 lock: install
