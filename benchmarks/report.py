@@ -10,6 +10,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from load import PACED_MS
@@ -255,6 +256,9 @@ def render(results: dict[str, Any]) -> str:
             lines.append(f"- {name} {kind}: " + "; ".join(cells))
     if results.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in results["notes"]]
+    analysis = Path(__file__).with_name("ANALYSIS.md")
+    if analysis.exists():  # the hand-kept reading of the figures: what stands in the way of a failing target
+        lines += ["", analysis.read_text(encoding="utf-8").rstrip()]
     return "\n".join(lines) + "\n"
 
 
