@@ -193,6 +193,22 @@ def test_a_longer_cooldown_extends_a_cooling_key() -> None:
     assert state_of(pool, "a")["availableInSeconds"] == 20.0
 
 
+def test_all_keys_rejected_is_told_apart_from_all_keys_cooling() -> None:
+    pool, _ = make("a", "b")
+    pool.report_rejected("a", 401)
+    pool.report_rejected("b", 403)
+    with pytest.raises(NoKeyAvailable) as rejected:
+        pool.acquire()
+    assert rejected.value.rejected_only is True
+    pool.report_rate_limited("a", 5)  # a quarantined key keeps its label; add a merely cooling one
+    pool2, _ = make("a", "b")
+    pool2.report_rejected("a", 401)
+    pool2.report_rate_limited("b", 5)
+    with pytest.raises(NoKeyAvailable) as mixed:
+        pool2.acquire()
+    assert mixed.value.rejected_only is False
+
+
 def test_all_keys_out_raises_with_the_soonest_return() -> None:
     pool, clock = make("a", "b", "c")
     pool.report_rate_limited("a", 10)

@@ -289,8 +289,10 @@ def test_a_403_key_is_quarantined_too_and_a_lone_key_passes_the_403_through(
     fake.enqueue(error_reply(403, "permission_error", "key disabled"))
     response = post(gate)
     assert response.status_code == 403 and "x-gate-error" not in response.headers
-    refused = post(gate)  # the only key is out: Gate answers itself
-    assert refused.status_code == 429 and refused.headers["x-gate-error"] == "rate_limit_error"
+    refused = post(gate)  # the only key was rejected: Gate answers itself, and not as a rate limit to wait out
+    assert refused.status_code == 503 and refused.headers["x-gate-error"] == "overloaded_error"
+    assert refused.json()["error"]["message"].startswith("Every Anthropic API key of the gateway was rejected")
+    assert int(refused.headers["retry-after"]) > 0
     assert len(fake.received) == 1
 
 

@@ -33,9 +33,10 @@ class Key:
 class NoKeyAvailable(Exception):
     """No key can take a call now; ``retry_after``: seconds until one returns, None if none is configured."""
 
-    def __init__(self, retry_after: float | None, reason: str) -> None:
+    def __init__(self, retry_after: float | None, reason: str, *, rejected_only: bool = False) -> None:
         super().__init__(reason)
         self.retry_after = retry_after
+        self.rejected_only = rejected_only  # every key out was rejected (401/403), none is merely rate limited
 
 
 class KeyPool:
@@ -86,7 +87,7 @@ class KeyPool:
             if exclude and retry_after == 0.0:
                 raise NoKeyAvailable(0.0, "every Anthropic API key in rotation has already been tried")
             reason = f"every Anthropic API key is out of rotation; the first returns in {retry_after:.1f} s"
-            raise NoKeyAvailable(retry_after, reason)
+            raise NoKeyAvailable(retry_after, reason, rejected_only=self._all_out_rejected(exclude))
         self._emit("selected", key.alias)
         return key
 
@@ -159,6 +160,15 @@ class KeyPool:
                 return key, restored, 0.0
         # Every key outside ``exclude`` is out; if every key is excluded, only a retry elsewhere can help now.
         return None, restored, 0.0 if soonest == math.inf else soonest
+
+    def _all_out_rejected(self, exclude: frozenset[str]) -> bool:
+        """Whether no key outside ``exclude`` is cooling (so waiting for a rate limit would not help)."""
+        with self._lock:
+            return all(
+                state != "cooling"
+                for key, state in zip(self._keys, self._state, strict=True)
+                if key.alias not in exclude
+            )
 
     def _restore(self, i: int) -> None:
         alias, state = self._keys[i].alias, self._state[i]

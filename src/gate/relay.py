@@ -629,6 +629,13 @@ def _no_key_response(exc: NoKeyAvailable, *, retried: bool) -> web.Response:
     if exc.retry_after is None and not retried:
         return error_response(503, "The gateway has no usable Anthropic API key configured.")
     seconds = max(1, math.ceil(exc.retry_after or 1))
+    if exc.rejected_only:
+        # Anthropic rejected every key (401/403): not a rate limit the client can wait out, an operator's problem.
+        return error_response(
+            503,
+            "Every Anthropic API key of the gateway was rejected by Anthropic; the operators have been alerted.",
+            headers={"retry-after": str(seconds)},
+        )
     return error_response(
         429,
         "Every Anthropic API key of the gateway is rate limited; retry after the indicated time.",
