@@ -335,14 +335,27 @@ def test_disagreeing_headers_are_refused(refusing_gate: RunningGate, idp: JwksSe
     assert_nothing_recorded(refusing_gate, fake)
 
 
-@pytest.mark.parametrize("size", [20_000, 60_000])
+@pytest.mark.parametrize("size", [20_000, 40_000])  # tokens of ~27 KB and ~53 KB once base64url-encoded
 @pytest.mark.parametrize("header", ["authorization", "x-api-key"])
-def test_oversized_credentials_get_a_clean_431(
+def test_oversized_credentials_get_the_same_clean_401(
     refusing_gate: RunningGate, idp: JwksServer, fake: FakeAnthropic, header: str, size: int
 ) -> None:
-    """Over server.limits.max-header-size (16 KB) the HTTP parser refuses the request before auth sees it: an
-    Anthropic-shaped 431 that echoes nothing, rather than aiohttp's text/plain 400 quoting the header."""
+    """Over security.jwt.max-token-length (16 KB) but within server.limits.max-header-size (64 KB): auth refuses
+    the token like any other, with a 401 that says it is too long and echoes nothing."""
     token = idp.mint(claims={"pad": "x" * size})
+    value = f"Bearer {token}" if header == "authorization" else token
+    response = post(refusing_gate, {header: value})
+    assert_refused(response, token, says="longer than")
+    assert_nothing_recorded(refusing_gate, fake)
+
+
+@pytest.mark.parametrize("header", ["authorization", "x-api-key"])
+def test_credentials_over_the_header_limit_get_a_clean_431(
+    refusing_gate: RunningGate, idp: JwksServer, fake: FakeAnthropic, header: str
+) -> None:
+    """Over server.limits.max-header-size the HTTP parser refuses the request before auth sees it: an
+    Anthropic-shaped 431 that echoes nothing, rather than aiohttp's text/plain 400 quoting the header."""
+    token = idp.mint(claims={"pad": "x" * 100_000})
     value = f"Bearer {token}" if header == "authorization" else token
     response = post(refusing_gate, {header: value})
     assert response.status_code == 431

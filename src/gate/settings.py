@@ -109,7 +109,8 @@ class ShutdownSettings(_Section):
 
 class LimitsSettings(_Section):
     max_body_size: Size = 32 * 1024 * 1024
-    max_header_size: Size = 16 * 1024
+    # Above security.jwt.max-token-length, so an oversized token reaches auth and gets its clean 401.
+    max_header_size: Size = 64 * 1024
     header_timeout: Duration = 10.0  # a request whose headers have not all arrived by then: 408 / closed
     body_timeout: Duration = 60.0  # a body that stops arriving: 408
     keep_alive_timeout: Duration = 75.0
