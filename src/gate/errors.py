@@ -7,16 +7,18 @@ from collections.abc import Mapping
 import orjson
 from aiohttp import web
 
-__all__ = ["error_body", "error_response"]
+__all__ = ["error_body", "error_response", "error_type_for"]
 
-# Anthropic's error types by status, for answers Gate makes itself.
+# Anthropic's error types by status (its documented ones, plus the statuses Gate itself answers with).
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
     401: "authentication_error",
+    402: "billing_error",
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
     408: "timeout_error",
+    409: "conflict_error",
     413: "request_too_large",
     429: "rate_limit_error",
     431: "request_too_large",
@@ -24,7 +26,13 @@ _TYPE_BY_STATUS = {
     502: "api_error",
     503: "overloaded_error",
     504: "timeout_error",
+    529: "overloaded_error",
 }
+
+
+def error_type_for(status: int) -> str:
+    """Anthropic's error type for an HTTP status (a usage record's ``error_type`` when the body names none)."""
+    return _TYPE_BY_STATUS.get(status, "api_error" if status >= 500 else "invalid_request_error")
 
 
 def error_body(error_type: str, message: str) -> bytes:
@@ -39,7 +47,7 @@ def error_response(
     headers: Mapping[str, str] | None = None,
 ) -> web.Response:
     """A JSON error answer in Anthropic's shape: ``{"type":"error","error":{"type":..,"message":..}}``."""
-    kind = error_type or _TYPE_BY_STATUS.get(status, "api_error")
+    kind = error_type or error_type_for(status)
     response = web.Response(
         status=status, body=error_body(kind, message), content_type="application/json", headers=headers
     )

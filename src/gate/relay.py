@@ -20,9 +20,9 @@ import orjson
 from aiohttp import web
 from multidict import istr
 
-from gate.auth import Authenticator, AuthError, Identity, www_authenticate
+from gate.auth import Authenticator, AuthError, www_authenticate
 from gate.breaker import CircuitBreaker, CircuitOpenError, Permit
-from gate.errors import error_response
+from gate.errors import error_response, error_type_for
 from gate.events import UsageEvents
 from gate.events.envelope import rfc3339_millis
 from gate.keys import Key, KeyPool, NoKeyAvailable
@@ -72,6 +72,8 @@ class _Call:
     meter: UsageMeter | None = None
     ttft_ms: int | None = None
     records: list[UsageRecord] = field(default_factory=list)
+    trace_id: str | None = None  # the request's trace, the same in every span and record of it
+    span_id: str | None = None  # the SERVER span's
     server_span: Any = None
     client_span: Any = None
     response: web.StreamResponse | None = None
@@ -129,7 +131,6 @@ class Relay:
         self._max_body = settings.server.limits.max_body_size
         self._body_timeout = settings.server.limits.body_timeout
         self._access_log = settings.observability.logging.access_log
-        self._tracing_user = settings.observability.tracing.user_attribute
 
     # ------------------------------------------------------------------------------------------- handlers
 
@@ -148,6 +149,7 @@ class Relay:
         telemetry = self._telemetry
         with telemetry.server_span(request.method, route, request.headers) as span:
             call.server_span = span
+            call.trace_id, call.span_id = telemetry.trace_ids()
             try:
                 response = await self._serve(request, call, metered=metered)
                 call.status = response.status
@@ -195,7 +197,7 @@ class Relay:
             call.model = model if isinstance(model, str) else None
             call.stream = parsed.get("stream") is True
         call.session_id = request.headers.get(_SESSION_ID)
-        return await self._forward(request, call, identity, body, metered=metered)
+        return await self._forward(request, call, body, metered=metered)
 
     async def _read_body(self, request: web.Request) -> bytes | web.Response:
         length = request.content_length
@@ -214,7 +216,7 @@ class Relay:
     # ------------------------------------------------------------------------------------------- upstream
 
     async def _forward(
-        self, request: web.Request, call: _Call, identity: Identity, body: bytes | None, *, metered: bool
+        self, request: web.Request, call: _Call, body: bytes | None, *, metered: bool
     ) -> web.StreamResponse:
         try:
             permit = self._breaker.acquire()
@@ -348,12 +350,9 @@ class Relay:
         try:
             return await self._upstream.request(method, path_qs, headers, body)
         except asyncio.CancelledError:
-            if not watchdog.fired:
-                raise  # the client went away
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
-            raise TimeoutError from None
+            if watchdog.absorb_cancel():
+                raise TimeoutError from None
+            raise  # the client went away
         finally:
             watchdog.stop()
 
@@ -436,7 +435,7 @@ class Relay:
                 if outcome == "success" and meter.error_type is not None:
                     outcome, error_type = "error", meter.error_type  # `event: error` after the 200
                 elif outcome == "error" and error_type is None:
-                    error_type = meter.error_type or _error_type_for(status)
+                    error_type = meter.error_type or error_type_for(status)
                 self._record(call, status=outcome, error_type=error_type, http_status=status, request_id=request_id)
             if judged and status < 400 and outcome != "client_disconnected":  # else ``_forward`` releases
                 self._settle(attempt, failed=error_type in _UPSTREAM_FAULTS, duration=attempt.headers_wait)
@@ -501,10 +500,7 @@ class Relay:
         except (ConnectionError, aiohttp.ClientConnectionResetError):
             raise _ClientGone() from None
         except asyncio.CancelledError:
-            if watchdog.fired:
-                task = asyncio.current_task()
-                if task is not None:
-                    task.uncancel()
+            if watchdog.absorb_cancel():
                 raise _UpstreamBroke("timeout_error", response) from None
             raise
         finally:
@@ -521,7 +517,7 @@ class Relay:
         self._record(
             call,
             status="error",
-            error_type=meter.error_type or _error_type_for(status),
+            error_type=meter.error_type or error_type_for(status),
             http_status=status,
             request_id=headers.get(_REQUEST_ID),
         )
@@ -530,7 +526,6 @@ class Relay:
         self, call: _Call, *, status: str, error_type: str | None, http_status: int | None, request_id: str | None
     ) -> None:
         meter = call.meter
-        trace_id, _ = self._telemetry.trace_ids()
         now = time.time()
         record = UsageRecord(
             subject=call.sub or "",
@@ -546,7 +541,7 @@ class Relay:
             status=status,
             error_type=error_type,
             key_alias=call.key_alias,
-            trace_id=trace_id,
+            trace_id=call.trace_id,
             anthropic_request_id=request_id,
             http_status=http_status,
             time_to_first_token_ms=call.ttft_ms,
@@ -565,15 +560,14 @@ class Relay:
 
     def _log_access(self, request: web.Request, call: _Call, duration: float, overhead: float) -> None:
         record = call.records[-1] if call.records else None
-        trace_id, span_id = self._telemetry.trace_ids()
         access_log(
             method=request.method,
             path=request.path,
             status=call.status,
             latency_ms=round(duration * 1000, 3),
             overhead_ms=round(overhead * 1000, 3),
-            trace_id=trace_id,
-            span_id=span_id,
+            trace_id=call.trace_id,
+            span_id=call.span_id,
             sub=call.sub,
             key_alias=call.key_alias,
             model=call.model,
@@ -630,6 +624,13 @@ class _IdleWatchdog:
             self._handle.cancel()
             self._handle = None
 
+    def absorb_cancel(self) -> bool:
+        """On a CancelledError: True (and the task's cancel request withdrawn) when this watchdog caused it."""
+        if not self.fired or self._task is None:
+            return False
+        self._task.uncancel()
+        return True
+
 
 def _parse_json_object(body: bytes) -> dict[str, Any] | str:
     if not body:
@@ -669,19 +670,3 @@ def _seconds(value: str | None) -> float | None:
     except ValueError:
         return None
     return seconds if seconds >= 0 and math.isfinite(seconds) else None
-
-
-def _error_type_for(status: int) -> str:
-    return {
-        400: "invalid_request_error",
-        401: "authentication_error",
-        402: "billing_error",
-        403: "permission_error",
-        404: "not_found_error",
-        409: "conflict_error",
-        413: "request_too_large",
-        429: "rate_limit_error",
-        500: "api_error",
-        504: "timeout_error",
-        529: "overloaded_error",
-    }.get(status, "api_error" if status >= 500 else "invalid_request_error")

@@ -237,7 +237,6 @@ class ResilienceSettings(_Section):
 class RabbitMQSettings(_Section):
     url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
     routing_key: str = "usage"
-    exchange_type: Literal["topic"] = "topic"
     confirm_timeout: Duration = 10.0
 
 
