@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import orjson
-from aiohttp import web
+
+from gate.server import Response
 
 __all__ = ["error_body", "error_response", "error_type_for"]
 
@@ -45,11 +46,9 @@ def error_response(
     *,
     error_type: str | None = None,
     headers: Mapping[str, str] | None = None,
-) -> web.Response:
+) -> Response:
     """A JSON error answer in Anthropic's shape: ``{"type":"error","error":{"type":..,"message":..}}``."""
     kind = error_type or error_type_for(status)
-    response = web.Response(
-        status=status, body=error_body(kind, message), content_type="application/json", headers=headers
-    )
+    response = Response(status=status, body=error_body(kind, message), content_type="application/json", headers=headers)
     response.headers["x-gate-error"] = kind  # tells a gateway answer from an upstream one
     return response

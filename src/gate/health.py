@@ -9,9 +9,9 @@ import re
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from aiohttp import web
 
 from gate.logs import redact
+from gate.server import Request, Response
 
 if TYPE_CHECKING:
     from gate.app import Gate
@@ -45,15 +45,15 @@ class Health:
             "lifecycle": {"status": "DOWN" if gate.draining else "UP", "details": {"draining": gate.draining}},
         }
 
-    async def overall(self, request: web.Request) -> web.Response:
+    async def overall(self, request: Request) -> Response:
         components = self.components()
         status = "DOWN" if any(c.get("status") == "DOWN" for c in components.values()) else "UP"
         return _answer(status, {"components": components})
 
-    async def liveness(self, request: web.Request) -> web.Response:
+    async def liveness(self, request: Request) -> Response:
         return _answer("UP", {})
 
-    async def readiness(self, request: web.Request) -> web.Response:
+    async def readiness(self, request: Request) -> Response:
         gate = self._gate
         jwks = gate.auth.health()
         details = jwks.get("details")
@@ -70,8 +70,8 @@ def _count(value: object) -> int:
     return value if isinstance(value, int) else 0
 
 
-def _answer(status: str, extra: dict[str, Any]) -> web.Response:
+def _answer(status: str, extra: dict[str, Any]) -> Response:
     # Rooms report no secrets; the masking is the net under them (an error text may quote a URL or a header).
     text = redact(orjson.dumps({"status": status, **extra}, default=str).decode())
     body = _URL_CREDENTIALS.sub(r"\1***@", text)
-    return web.Response(status=200 if status == "UP" else 503, text=body, content_type="application/json")
+    return Response(status=200 if status == "UP" else 503, text=body, content_type="application/json")

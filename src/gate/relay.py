@@ -17,7 +17,6 @@ from typing import Any
 
 import aiohttp
 import orjson
-from aiohttp import web
 from multidict import istr
 
 from gate.auth import Authenticator, AuthError, www_authenticate
@@ -27,6 +26,7 @@ from gate.events import UsageEvents
 from gate.events.envelope import rfc3339_millis
 from gate.keys import Key, KeyPool, NoKeyAvailable
 from gate.logs import access_log
+from gate.server import BodyTooLarge, Request, Response, StreamResponse
 from gate.settings import GateSettings
 from gate.telemetry import Telemetry
 from gate.upstream import Upstream, request_headers, response_headers
@@ -76,7 +76,7 @@ class _Call:
     span_id: str | None = None  # the SERVER span's
     server_span: Any = None
     client_span: Any = None
-    response: web.StreamResponse | None = None
+    response: StreamResponse | None = None
 
 
 @dataclass(slots=True)
@@ -134,17 +134,17 @@ class Relay:
 
     # ------------------------------------------------------------------------------------------- handlers
 
-    async def messages(self, request: web.Request) -> web.StreamResponse:
+    async def messages(self, request: Request) -> StreamResponse:
         return await self._handle(request, "/v1/messages", metered=True)
 
-    async def count_tokens(self, request: web.Request) -> web.StreamResponse:
+    async def count_tokens(self, request: Request) -> StreamResponse:
         return await self._handle(request, "/v1/messages/count_tokens", metered=False)
 
-    async def models(self, request: web.Request) -> web.StreamResponse:
+    async def models(self, request: Request) -> StreamResponse:
         route = "/v1/models/{id}" if "id" in request.match_info else "/v1/models"
         return await self._handle(request, route, metered=False)
 
-    async def _handle(self, request: web.Request, route: str, *, metered: bool) -> web.StreamResponse:
+    async def _handle(self, request: Request, route: str, *, metered: bool) -> StreamResponse:
         call = _Call(route=route, started=perf_counter())
         telemetry = self._telemetry
         with telemetry.server_span(request.method, route, request.headers) as span:
@@ -159,7 +159,7 @@ class Relay:
                 raise
             except _ClientGone:
                 call.status = 499
-                return call.response or web.Response(status=499)
+                return call.response or Response(status=499)
             finally:
                 duration = perf_counter() - call.started
                 overhead = max(duration - call.upstream_wait, 0.0)
@@ -176,7 +176,7 @@ class Relay:
                 if self._access_log:
                     self._log_access(request, call, duration, overhead)
 
-    async def _serve(self, request: web.Request, call: _Call, *, metered: bool) -> web.StreamResponse:
+    async def _serve(self, request: Request, call: _Call, *, metered: bool) -> StreamResponse:
         try:
             headers = request.headers
             identity = await self._auth.authenticate(headers.get(_AUTHORIZATION), headers.get(_X_API_KEY))
@@ -187,7 +187,7 @@ class Relay:
         body: bytes | None = None
         if request.method == "POST":
             body_or_error = await self._read_body(request)
-            if isinstance(body_or_error, web.Response):
+            if isinstance(body_or_error, Response):
                 return body_or_error
             body = body_or_error
             parsed = _parse_json_object(body)
@@ -199,25 +199,25 @@ class Relay:
         call.session_id = request.headers.get(_SESSION_ID)
         return await self._forward(request, call, body, metered=metered)
 
-    async def _read_body(self, request: web.Request) -> bytes | web.Response:
+    async def _read_body(self, request: Request) -> bytes | Response:
         length = request.content_length
         if length is not None and length > self._max_body:
             return error_response(413, f"Request body is larger than the gateway's limit of {self._max_body} bytes.")
         try:
-            if request.content.is_eof():  # the whole body came with the headers: no deadline needed
+            if request.complete:  # the whole body came with the headers: no deadline needed
                 return await request.read()
             async with asyncio.timeout(self._body_timeout):
                 return await request.read()
-        except web.HTTPRequestEntityTooLarge:
+        except ConnectionError:
+            raise _ClientGone() from None
+        except BodyTooLarge:
             return error_response(413, f"Request body is larger than the gateway's limit of {self._max_body} bytes.")
         except TimeoutError:
             return error_response(408, "The request body did not arrive in time.")
 
     # ------------------------------------------------------------------------------------------- upstream
 
-    async def _forward(
-        self, request: web.Request, call: _Call, body: bytes | None, *, metered: bool
-    ) -> web.StreamResponse:
+    async def _forward(self, request: Request, call: _Call, body: bytes | None, *, metered: bool) -> StreamResponse:
         try:
             permit = self._breaker.acquire()
         except CircuitOpenError as exc:
@@ -228,7 +228,7 @@ class Relay:
                 headers={"retry-after": str(seconds)},
             )
         attempt = _Attempt(
-            path_qs=request.rel_url.raw_path_qs,
+            path_qs=request.path_qs,
             accept_encoding=filter_accept_encoding(request.headers.get(_ACCEPT_ENCODING)),
             body=body,
             permit=permit,
@@ -260,9 +260,7 @@ class Relay:
             if not attempt.permit_done:
                 self._breaker.release(permit)
 
-    async def _attempt(
-        self, request: web.Request, call: _Call, attempt: _Attempt, key: Key
-    ) -> web.StreamResponse | _Retry:
+    async def _attempt(self, request: Request, call: _Call, attempt: _Attempt, key: Key) -> StreamResponse | _Retry:
         """One upstream call: exactly one usage record when metered, whatever happens."""
         headers = request_headers(
             request.headers,
@@ -387,8 +385,8 @@ class Relay:
     # ------------------------------------------------------------------------------------------- relaying
 
     async def _relay(
-        self, request: web.Request, call: _Call, upstream: aiohttp.ClientResponse, attempt: _Attempt
-    ) -> web.StreamResponse:
+        self, request: Request, call: _Call, upstream: aiohttp.ClientResponse, attempt: _Attempt
+    ) -> StreamResponse:
         """Send upstream's answer to the client as it arrives; always ends in one record when metered."""
         status = upstream.status
         meter = (
@@ -401,7 +399,7 @@ class Relay:
         length = upstream.content_length
         outcome, error_type = ("success" if status < 400 else "error"), None
         judged = True
-        response: web.StreamResponse
+        response: StreamResponse
         try:
             if length is not None and length <= _MAX_BUFFERED_BODY:
                 response = await self._relay_whole(call, upstream, meter)
@@ -443,7 +441,7 @@ class Relay:
 
     async def _relay_whole(
         self, call: _Call, upstream: aiohttp.ClientResponse, meter: UsageMeter | None
-    ) -> web.StreamResponse:
+    ) -> StreamResponse:
         started = perf_counter()
         try:
             if upstream.content.is_eof():  # the whole answer came with the headers: no deadline needed
@@ -459,19 +457,17 @@ class Relay:
             call.upstream_wait += perf_counter() - started
         if meter is not None:
             meter.feed(body)
-        return web.Response(
+        return Response(
             status=upstream.status, body=body, headers=response_headers(upstream.headers, keep_length=False)
         )
 
     async def _relay_stream(
-        self, request: web.Request, call: _Call, upstream: aiohttp.ClientResponse, meter: UsageMeter | None
-    ) -> web.StreamResponse:
-        response = web.StreamResponse(
-            status=upstream.status, headers=response_headers(upstream.headers, keep_length=True)
-        )
+        self, request: Request, call: _Call, upstream: aiohttp.ClientResponse, meter: UsageMeter | None
+    ) -> StreamResponse:
+        response = StreamResponse(status=upstream.status, headers=response_headers(upstream.headers, keep_length=True))
         try:
             await response.prepare(request)
-        except (ConnectionError, aiohttp.ClientConnectionResetError):
+        except ConnectionError:
             raise _ClientGone() from None
         call.response = response
         watchdog = _IdleWatchdog(self._idle_timeout)
@@ -494,10 +490,10 @@ class Relay:
                         call.ttft_ms = int((perf_counter() - call.started) * 1000)
                 try:
                     await response.write(chunk)
-                except (ConnectionError, aiohttp.ClientConnectionResetError):
+                except ConnectionError:
                     raise _ClientGone() from None
             await response.write_eof()
-        except (ConnectionError, aiohttp.ClientConnectionResetError):
+        except ConnectionError:
             raise _ClientGone() from None
         except asyncio.CancelledError:
             if watchdog.absorb_cancel():
@@ -558,7 +554,7 @@ class Relay:
         call.meter = None
         self._telemetry.finish_call(call.server_span, call.client_span, record=record, sub=call.sub)
 
-    def _log_access(self, request: web.Request, call: _Call, duration: float, overhead: float) -> None:
+    def _log_access(self, request: Request, call: _Call, duration: float, overhead: float) -> None:
         record = call.records[-1] if call.records else None
         access_log(
             method=request.method,
@@ -584,7 +580,7 @@ class Relay:
 class _UpstreamBroke(Exception):
     """Upstream failed after its response had begun (dropped connection or idle timeout)."""
 
-    def __init__(self, error_type: str, response: web.StreamResponse | None = None) -> None:
+    def __init__(self, error_type: str, response: StreamResponse | None = None) -> None:
         super().__init__(error_type)
         self.error_type = error_type
         self.response = response  # set when the client already has part of the answer
@@ -644,7 +640,7 @@ def _parse_json_object(body: bytes) -> dict[str, Any] | str:
     return parsed
 
 
-def _no_key_response(exc: NoKeyAvailable, *, retried: bool) -> web.Response:
+def _no_key_response(exc: NoKeyAvailable, *, retried: bool) -> Response:
     if exc.retry_after is None and not retried:
         return error_response(503, "The gateway has no usable Anthropic API key configured.")
     seconds = max(1, math.ceil(exc.retry_after or 1))
