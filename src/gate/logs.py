@@ -37,6 +37,7 @@ _SECRET: Final = re.compile(
 )
 
 ACCESS_LOGGER: Final = logging.getLogger("gate.access")
+_ACCESS_NAME: Final = ACCESS_LOGGER.name
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
 _PLAIN_RECORD: Final = logging.LogRecord("", 0, "", 0, "", None, None).__dict__.keys()
@@ -231,10 +232,10 @@ class _AccessWriter:
         document: dict[str, Any] = {
             "time": self._clock.format(time.time()),
             "level": "INFO",
-            "logger": ACCESS_LOGGER.name,
+            "logger": _ACCESS_NAME,
             "message": message,
+            **fields,
         }
-        document.update(fields)
         line = redact(orjson.dumps(document, default=str).decode())
         with self._lock:
             self._pending.append(line)
@@ -302,17 +303,23 @@ def access_log(*, method: str, path: str, status: int, latency_ms: float, **fiel
     """One line per request on ``gate.access``: method, path, status, latency_ms and the given fields
     (trace_id, span_id, sub, key_alias, model, tokens, stop_reason...). Fields that are None are left out.
     Never pass bodies or headers."""
+    access_line({"method": method, "path": path, "status": status, "latency_ms": latency_ms, **fields})
+
+
+def access_line(fields: dict[str, Any]) -> None:
+    """``access_log`` for a dict the caller built (the relay's per-request path): it starts with method, path,
+    status and latency_ms; None values are left out. The dict is consumed."""
     if not ACCESS_LOGGER.isEnabledFor(logging.INFO):
         return
-    extra: dict[str, Any] = {"method": method, "path": path, "status": status, "latency_ms": latency_ms}
-    for key, value in fields.items():
-        if value is not None:
-            extra[f"{key}_" if key in _RESERVED else key] = value
+    for key in [key for key, value in fields.items() if value is None]:
+        del fields[key]
+    message = f"{fields['method']} {fields['path']} {fields['status']} {fields['latency_ms']:.1f}ms"
     writer = _fast_access_writer()
     if writer is not None:
-        writer.write(f"{method} {path} {status} {latency_ms:.1f}ms", extra)
+        writer.write(message, fields)
         return
-    ACCESS_LOGGER.info("%s %s %s %.1fms", method, path, status, latency_ms, extra=extra)
+    extra = {f"{key}_" if key in _RESERVED else key: value for key, value in fields.items()}
+    ACCESS_LOGGER.info("%s", message, extra=extra)
 
 
 def _fast_access_writer() -> _AccessWriter | None:

@@ -25,7 +25,7 @@ from gate.errors import error_response, error_type_for
 from gate.events import UsageEvents
 from gate.events.envelope import rfc3339_millis
 from gate.keys import Key, KeyPool, NoKeyAvailable
-from gate.logs import access_log
+from gate.logs import access_line
 from gate.server import BodyTooLarge, Request, Response, StreamResponse
 from gate.settings import GateSettings
 from gate.telemetry import Telemetry
@@ -131,6 +131,7 @@ class Relay:
         self._max_body = settings.server.limits.max_body_size
         self._body_timeout = settings.server.limits.body_timeout
         self._access_log = settings.observability.logging.access_log
+        self._watchdogs = _Watchdogs(max(min(1.0, self._headers_timeout / 8, self._idle_timeout / 8), 0.005))
 
     # ------------------------------------------------------------------------------------------- handlers
 
@@ -341,10 +342,10 @@ class Relay:
     async def _send(self, method: str, path_qs: str, headers: Any, body: bytes | None) -> aiohttp.ClientResponse:
         """The upstream call up to its response headers, or TimeoutError after ``response-headers``.
 
-        The same deadline ``asyncio.timeout`` would give, from one lazy timer: profiled, the context manager's
-        bookkeeping cost more than the rest of Gate's header hygiene on every request.
+        The deadline ``asyncio.timeout`` would give, from the relay's shared watchdog sweep: profiled, the
+        context manager's bookkeeping cost more than the rest of Gate's header hygiene on every request.
         """
-        watchdog = _IdleWatchdog(self._headers_timeout)
+        watchdog = self._watchdogs.watch(self._headers_timeout)
         try:
             return await self._upstream.request(method, path_qs, headers, body)
         except asyncio.CancelledError:
@@ -470,7 +471,7 @@ class Relay:
         except ConnectionError:
             raise _ClientGone() from None
         call.response = response
-        watchdog = _IdleWatchdog(self._idle_timeout)
+        watchdog = self._watchdogs.watch(self._idle_timeout)
         content = upstream.content
         try:
             while True:
@@ -555,26 +556,28 @@ class Relay:
         self._telemetry.finish_call(call.server_span, call.client_span, record=record, sub=call.sub)
 
     def _log_access(self, request: Request, call: _Call, duration: float, overhead: float) -> None:
-        record = call.records[-1] if call.records else None
-        access_log(
-            method=request.method,
-            path=request.path,
-            status=call.status,
-            latency_ms=round(duration * 1000, 3),
-            overhead_ms=round(overhead * 1000, 3),
-            trace_id=call.trace_id,
-            span_id=call.span_id,
-            sub=call.sub,
-            key_alias=call.key_alias,
-            model=call.model,
-            stream=call.stream,
-            input_tokens=record.input_tokens if record else None,
-            output_tokens=record.output_tokens if record else None,
-            cache_creation_tokens=record.cache_creation_tokens if record else None,
-            cache_read_tokens=record.cache_read_tokens if record else None,
-            stop_reason=record.stop_reason if record else None,
-            usage_status=record.status if record else None,
-        )
+        fields: dict[str, Any] = {
+            "method": request.method,
+            "path": request.path,
+            "status": call.status,
+            "latency_ms": round(duration * 1000, 3),
+            "overhead_ms": round(overhead * 1000, 3),
+            "trace_id": call.trace_id,
+            "span_id": call.span_id,
+            "sub": call.sub,
+            "key_alias": call.key_alias,
+            "model": call.model,
+            "stream": call.stream,
+        }
+        if call.records:
+            record = call.records[-1]
+            fields["input_tokens"] = record.input_tokens
+            fields["output_tokens"] = record.output_tokens
+            fields["cache_creation_tokens"] = record.cache_creation_tokens
+            fields["cache_read_tokens"] = record.cache_read_tokens
+            fields["stop_reason"] = record.stop_reason
+            fields["usage_status"] = record.status
+        access_line(fields)
 
 
 class _UpstreamBroke(Exception):
@@ -586,39 +589,66 @@ class _UpstreamBroke(Exception):
         self.response = response  # set when the client already has part of the answer
 
 
-class _IdleWatchdog:
-    """Cancels the current task when no chunk arrived for ``timeout`` seconds.
+class _Watchdogs:
+    """One timer for every watchdog of a relay: a sweep every ``resolution`` seconds fires the overdue ones.
 
-    One timer per stream, moved lazily: ``touch`` only stores a number, so a chunk costs no timer churn.
+    Profiled, a timer per request (``call_at`` then ``cancel``) was a visible cost; joining and leaving a set is
+    not. A deadline fires between its time and one ``resolution`` later.
     """
 
-    __slots__ = ("_handle", "_last", "_loop", "_task", "_timeout", "fired")
+    __slots__ = ("_handle", "_loop", "_resolution", "_watching")
 
-    def __init__(self, timeout: float) -> None:
-        self._loop = asyncio.get_running_loop()
+    def __init__(self, resolution: float) -> None:
+        self._resolution = resolution
+        self._watching: set[_IdleWatchdog] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handle: asyncio.TimerHandle | None = None
+
+    def watch(self, timeout: float) -> _IdleWatchdog:
+        loop = asyncio.get_running_loop()
+        watchdog = _IdleWatchdog(self, loop, timeout)
+        self._watching.add(watchdog)
+        if self._handle is None or self._loop is not loop:
+            self._loop = loop
+            self._handle = loop.call_later(self._resolution, self._sweep)
+        return watchdog
+
+    def forget(self, watchdog: _IdleWatchdog) -> None:
+        self._watching.discard(watchdog)
+
+    def _sweep(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        for watchdog in [w for w in self._watching if now >= w.due]:
+            self._watching.discard(watchdog)
+            watchdog.fire()
+        self._handle = loop.call_later(self._resolution, self._sweep) if self._watching else None
+
+
+class _IdleWatchdog:
+    """Cancels its task when no chunk arrived for ``timeout`` seconds; ``touch`` only stores a number."""
+
+    __slots__ = ("_loop", "_owner", "_task", "_timeout", "due", "fired")
+
+    def __init__(self, owner: _Watchdogs, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self._owner = owner
+        self._loop = loop
         self._task = asyncio.current_task()
         self._timeout = timeout
-        self._last = self._loop.time()
+        self.due = loop.time() + timeout
         self.fired = False
-        self._handle: asyncio.TimerHandle | None = self._loop.call_at(self._last + timeout, self._check)
 
     def touch(self) -> None:
-        self._last = self._loop.time()
+        self.due = self._loop.time() + self._timeout
 
-    def _check(self) -> None:
-        due = self._last + self._timeout
-        if self._loop.time() >= due:
-            self.fired = True
-            self._handle = None
-            if self._task is not None:
-                self._task.cancel()
-        else:
-            self._handle = self._loop.call_at(due, self._check)
+    def fire(self) -> None:
+        self.fired = True
+        if self._task is not None:
+            self._task.cancel()
 
     def stop(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        self._owner.forget(self)
 
     def absorb_cancel(self) -> bool:
         """On a CancelledError: True (and the task's cancel request withdrawn) when this watchdog caused it."""

@@ -299,9 +299,9 @@ class _Connection(asyncio.Protocol):
         "_head_sent",
         "_header_bytes",
         "_header_count",
-        "_header_timer",
         "_headers",
-        "_idle_timer",
+        "_headers_since",
+        "_idle_since",
         "_in_request",
         "_limit",
         "_loop",
@@ -332,8 +332,9 @@ class _Connection(asyncio.Protocol):
         self._queue: deque[Request | Response] = deque()  # parsed requests (or a final error) awaiting their turn
         self._current: Request | None = None
         self._task: asyncio.Task[None] | None = None
-        self._header_timer: asyncio.TimerHandle | None = None
-        self._idle_timer: asyncio.TimerHandle | None = None
+        # Deadlines are loop times checked by the server's sweep (one timer per server, not two per request).
+        self._headers_since: float | None = None  # waiting for a request's headers since then
+        self._idle_since: float | None = None  # idle between requests since then
         self._reading_paused = False
         self.write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
@@ -399,8 +400,8 @@ class _Connection(asyncio.Protocol):
         self._headers = []
         self._header_bytes = 0
         self._header_count = 0
-        self._stop_idle_clock()
-        if self._header_timer is None:
+        self._idle_since = None
+        if self._headers_since is None:
             self._start_header_clock()
 
     def on_url(self, url: bytes) -> None:
@@ -638,16 +639,14 @@ class _Connection(asyncio.Protocol):
         return False
 
     def _start_header_clock(self) -> None:
-        self._header_timer = self._loop.call_later(self._server.header_timeout, self._header_clock_ran_out)
+        self._headers_since = self._loop.time()
 
     def _stop_header_clock(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
+        self._headers_since = None
 
     def _header_clock_ran_out(self) -> None:
         """Headers that trickle in (slowloris) hold a connection only this long; a silent one is just closed."""
-        self._header_timer = None
+        self._headers_since = None
         if self.transport is None or self._task is not None:
             return
         if self._in_request:
@@ -657,17 +656,21 @@ class _Connection(asyncio.Protocol):
         self._close()
 
     def _start_idle_clock(self) -> None:
-        self._stop_idle_clock()
-        self._idle_timer = self._loop.call_later(self._server.keep_alive_timeout, self._idle_ran_out)
+        self._idle_since = self._loop.time()
 
     def _stop_idle_clock(self) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        self._idle_since = None
 
-    def _idle_ran_out(self) -> None:
-        self._idle_timer = None
-        self.close_if_idle()
+    def check_deadlines(self, now: float) -> None:
+        """Called by the server's sweep: enforce the header deadline and the keep-alive idle time."""
+        since = self._headers_since
+        if since is not None and now - since >= self._server.header_timeout:
+            self._header_clock_ran_out()
+            return
+        since = self._idle_since
+        if since is not None and now - since >= self._server.keep_alive_timeout:
+            self._idle_since = None
+            self.close_if_idle()
 
 
 class HttpServer:
@@ -693,6 +696,9 @@ class HttpServer:
         self.connections: set[_Connection] = set()
         self.draining = False
         self._servers: list[asyncio.Server] = []
+        # Deadlines are enforced this often (so within this much of their time), by one timer for all connections.
+        self._sweep_every = max(min(1.0, header_timeout / 4, keep_alive_timeout / 4), 0.01)
+        self._sweep: asyncio.TimerHandle | None = None
 
     def __call__(self) -> _Connection:
         return _Connection(self)
@@ -706,9 +712,17 @@ class HttpServer:
         else:
             server = await self.loop.create_server(self, host, port, reuse_port=reuse_port, backlog=backlog)
         self._servers.append(server)
+        if self._sweep is None:
+            self._sweep = self.loop.call_later(self._sweep_every, self._check_deadlines)
         for bound in server.sockets:
             return int(bound.getsockname()[1])
         return 0
+
+    def _check_deadlines(self) -> None:
+        now = self.loop.time()
+        for conn in list(self.connections):
+            conn.check_deadlines(now)
+        self._sweep = self.loop.call_later(self._sweep_every, self._check_deadlines)
 
     async def shutdown(self, grace: float) -> None:
         """Stops accepting, closes idle connections, lets in-flight requests finish for ``grace`` seconds."""
@@ -731,3 +745,6 @@ class HttpServer:
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
