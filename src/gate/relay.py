@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
 
-import aiohttp
 import orjson
 from multidict import istr
 
 from gate.auth import Authenticator, AuthError, www_authenticate
 from gate.breaker import CircuitBreaker, CircuitOpenError, Permit
+from gate.client import ClientError, ConnectError, ConnectTimeout, UpstreamResponse
 from gate.errors import error_response, error_type_for
 from gate.events import UsageEvents
 from gate.events.envelope import rfc3339_millis
@@ -272,11 +272,11 @@ class Relay:
         sent = perf_counter()
         try:
             upstream = await self._send(request.method, attempt.path_qs, headers, attempt.body)
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+        except ConnectError as exc:
             # No connection, so nothing reached Anthropic: safe to try again, on the same key (it is not at fault).
             waited = perf_counter() - sent
             call.upstream_wait += waited
-            timed_out = isinstance(exc, aiohttp.ConnectionTimeoutError)
+            timed_out = isinstance(exc, ConnectTimeout)
             if attempt.metered:
                 error_type = "timeout_error" if timed_out else "api_error"
                 self._record(call, status="error", error_type=error_type, http_status=None, request_id=None)
@@ -296,7 +296,7 @@ class Relay:
             if attempt.metered:
                 self._record(call, status="error", error_type="timeout_error", http_status=None, request_id=None)
             return error_response(504, "Anthropic did not answer in time.")
-        except aiohttp.ClientError as exc:
+        except ClientError as exc:
             # The request may have reached Anthropic (a dropped connection, a malformed answer): never resent.
             waited = perf_counter() - sent
             call.upstream_wait += waited
@@ -306,8 +306,8 @@ class Relay:
             log.warning("upstream call failed before its answer: %s", type(exc).__name__)
             return error_response(502, "The gateway could not reach Anthropic.")
         except asyncio.CancelledError:
-            # The client left while Anthropic was thinking; aiohttp has closed that connection (Anthropic sees the
-            # cancel), the permit goes back in ``_forward``.
+            # The client left while Anthropic was thinking; the pool has closed that connection (Anthropic sees
+            # the cancel), the permit goes back in ``_forward``.
             call.upstream_wait += perf_counter() - sent
             if attempt.metered:
                 self._record(call, status="client_disconnected", error_type=None, http_status=None, request_id=None)
@@ -339,7 +339,7 @@ class Relay:
         attempt.headers_wait = waited
         return await self._relay(request, call, upstream, attempt)
 
-    async def _send(self, method: str, path_qs: str, headers: Any, body: bytes | None) -> aiohttp.ClientResponse:
+    async def _send(self, method: str, path_qs: str, headers: Any, body: bytes | None) -> UpstreamResponse:
         """The upstream call up to its response headers, or TimeoutError after ``response-headers``.
 
         The deadline ``asyncio.timeout`` would give, from the relay's shared watchdog sweep: profiled, the
@@ -372,12 +372,12 @@ class Relay:
         else:
             self._keys.report_rejected(key.alias, status)
 
-    async def _drain(self, upstream: aiohttp.ClientResponse, call: _Call) -> bytes:
+    async def _drain(self, upstream: UpstreamResponse, call: _Call) -> bytes:
         started = perf_counter()
         try:
             async with asyncio.timeout(self._idle_timeout):
                 return await upstream.read()
-        except (TimeoutError, aiohttp.ClientError):
+        except (TimeoutError, ClientError):
             return b""
         finally:
             call.upstream_wait += perf_counter() - started
@@ -386,7 +386,7 @@ class Relay:
     # ------------------------------------------------------------------------------------------- relaying
 
     async def _relay(
-        self, request: Request, call: _Call, upstream: aiohttp.ClientResponse, attempt: _Attempt
+        self, request: Request, call: _Call, upstream: UpstreamResponse, attempt: _Attempt
     ) -> StreamResponse:
         """Send upstream's answer to the client as it arrives; always ends in one record when metered."""
         status = upstream.status
@@ -428,7 +428,7 @@ class Relay:
             judged = False  # and not held against Anthropic
             raise
         finally:
-            upstream.close()  # releases the connection, or closes it mid-stream so Anthropic sees the cancel
+            upstream.release()  # back to the pool when read to the end, else closed so Anthropic sees the cancel
             if meter is not None:
                 meter.finish()
                 if outcome == "success" and meter.error_type is not None:
@@ -440,19 +440,17 @@ class Relay:
                 self._settle(attempt, failed=error_type in _UPSTREAM_FAULTS, duration=attempt.headers_wait)
         return response
 
-    async def _relay_whole(
-        self, call: _Call, upstream: aiohttp.ClientResponse, meter: UsageMeter | None
-    ) -> StreamResponse:
+    async def _relay_whole(self, call: _Call, upstream: UpstreamResponse, meter: UsageMeter | None) -> StreamResponse:
         started = perf_counter()
         try:
-            if upstream.content.is_eof():  # the whole answer came with the headers: no deadline needed
+            if upstream.complete():  # the whole answer came with the headers: no deadline needed
                 body = await upstream.read()
             else:
                 async with asyncio.timeout(self._idle_timeout):
                     body = await upstream.read()
         except TimeoutError:
             raise _UpstreamBroke("timeout_error") from None
-        except aiohttp.ClientError:
+        except ClientError:
             raise _UpstreamBroke("api_error") from None
         finally:
             call.upstream_wait += perf_counter() - started
@@ -463,7 +461,7 @@ class Relay:
         )
 
     async def _relay_stream(
-        self, request: Request, call: _Call, upstream: aiohttp.ClientResponse, meter: UsageMeter | None
+        self, request: Request, call: _Call, upstream: UpstreamResponse, meter: UsageMeter | None
     ) -> StreamResponse:
         response = StreamResponse(status=upstream.status, headers=response_headers(upstream.headers, keep_length=True))
         try:
@@ -472,13 +470,12 @@ class Relay:
             raise _ClientGone() from None
         call.response = response
         watchdog = self._watchdogs.watch(self._idle_timeout)
-        content = upstream.content
         try:
             while True:
                 waited_from = perf_counter()
                 try:
-                    chunk = await content.readany()
-                except aiohttp.ClientError:
+                    chunk = await upstream.readany()
+                except ClientError:
                     raise _UpstreamBroke("api_error", response) from None
                 finally:
                     call.upstream_wait += perf_counter() - waited_from

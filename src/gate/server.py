@@ -181,7 +181,7 @@ class StreamResponse:
     ``write`` waits while the client's socket buffer is full, and raises ``ConnectionResetError`` once it is gone.
     """
 
-    __slots__ = ("_chunked", "_conn", "_head_only", "content_length", "eof", "headers", "prepared", "status")
+    __slots__ = ("_chunked", "_conn", "_head", "_head_only", "content_length", "eof", "headers", "prepared", "status")
 
     def __init__(
         self, *, status: int = 200, headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None
@@ -194,6 +194,7 @@ class StreamResponse:
         self._conn: _Connection | None = None
         self._chunked = False
         self._head_only = False
+        self._head = b""  # the head, sent with the first chunk (one write instead of two, as aiohttp does)
 
     async def prepare(self, request: Request) -> None:
         conn = request._conn
@@ -208,7 +209,7 @@ class StreamResponse:
             else:
                 conn.must_close = True
         self.prepared = True
-        conn.write(conn.head(request, self.status, self.headers, length, chunked=self._chunked))
+        self._head = conn.head(request, self.status, self.headers, length, chunked=self._chunked)
 
     async def write(self, data: bytes) -> None:
         conn = self._conn
@@ -216,10 +217,11 @@ class StreamResponse:
             raise ConnectionResetError("the client went away")
         if not data or self._head_only:
             return
+        head, self._head = self._head, b""
         if self._chunked:
-            conn.write(b"%x\r\n%b\r\n" % (len(data), data))
+            conn.write(b"%b%x\r\n%b\r\n" % (head, len(data), data))
         else:
-            conn.write(data)
+            conn.write(head + data if head else data)
         if conn.write_paused:
             await conn.drain()
 
@@ -230,8 +232,11 @@ class StreamResponse:
         conn = self._conn
         if conn is None or conn.transport is None:
             raise ConnectionResetError("the client went away")
+        head, self._head = self._head, b""
         if self._chunked:
-            conn.write(b"0\r\n\r\n")
+            conn.write(head + b"0\r\n\r\n")
+        elif head:
+            conn.write(head)
 
 
 class Response(StreamResponse):
@@ -429,7 +434,7 @@ class _Connection(asyncio.Protocol):
         # As aiohttp does: undecodable bytes survive as surrogates, so auth can refuse them by name.
         headers = CIMultiDictProxy(
             CIMultiDict(
-                (name.decode("latin-1"), value.decode("utf-8", "surrogateescape")) for name, value in self._headers
+                [(name.decode("latin-1"), value.decode("utf-8", "surrogateescape")) for name, value in self._headers]
             )
         )
         self._headers = []

@@ -1,8 +1,7 @@
 """The pooled HTTP client to Anthropic and header hygiene, both ways.
 
-One shared ``aiohttp.ClientSession`` serves every request: measured, it is the client that scales to many open
-streams (httpx's pool degrades as it grows). Bodies are passed through undecoded (``auto_decompress=False``)
-so the client receives upstream's bytes exactly.
+One shared pool of keep-alive connections (``gate.client.Pool``) serves every request. Bodies are passed
+through undecoded, so the client receives upstream's bytes exactly.
 """
 
 from __future__ import annotations
@@ -10,10 +9,10 @@ from __future__ import annotations
 import urllib.request
 from collections.abc import Iterable, Mapping
 
-import aiohttp
 from multidict import CIMultiDict, istr
 from yarl import URL
 
+from gate.client import Pool, UpstreamResponse
 from gate.settings import AnthropicApiSettings
 
 __all__ = ["HOP_BY_HOP", "Upstream", "request_headers", "response_headers"]
@@ -34,7 +33,7 @@ HOP_BY_HOP = frozenset(
     )
 )
 # Never forwarded upstream: the caller's credentials (Gate injects the company key), the address we listen on,
-# and framing that aiohttp recomputes for the body it sends.
+# and framing that the client recomputes for the body it sends.
 _DROP_UPSTREAM = HOP_BY_HOP | {istr(h) for h in ("host", "authorization", "x-api-key", "content-length", "expect")}
 _DROP_DOWNSTREAM = HOP_BY_HOP | {istr(h) for h in ("content-length",)}
 _ACCEPT_ENCODING = istr("accept-encoding")
@@ -104,44 +103,26 @@ class Upstream:
         self.server_address = URL(settings.base_url).host or ""
         self.proxy = egress_proxy(settings.base_url) if settings.use_env_proxy else None
         self._settings = settings
-        self._session: aiohttp.ClientSession | None = None
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            raise RuntimeError("Upstream.start() has not run")
-        return self._session
+        self._pool: Pool | None = None
 
     async def start(self) -> None:
-        timeouts = self._settings.timeouts
-        connector = aiohttp.TCPConnector(
+        # ``connect`` bounds getting a connection: a pool slot, TCP, a proxy's CONNECT and TLS. Time to headers
+        # and stream idleness are enforced by the relay, which knows which phase it is in.
+        self._pool = Pool(
+            self.base_url,
             limit=self._settings.pool_size,
-            limit_per_host=0,
-            ttl_dns_cache=300,
-            keepalive_timeout=30,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            # ``connect`` bounds getting a connection: a pool slot, TCP, a proxy's CONNECT and TLS (``sock_connect``
-            # alone would leave a stuck TLS handshake to the 600 s header timeout). Time to headers and stream
-            # idleness are enforced by the relay, which knows which phase it is in.
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect, connect=timeouts.connect),
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            cookie_jar=aiohttp.DummyCookieJar(),  # never share one user's cookies with another
-            # trust_env would look proxies and ~/.netrc up again, in a thread, on every request: the egress
-            # proxy is resolved once in __init__ instead.
-            trust_env=False,
+            connect_timeout=self._settings.timeouts.connect,
+            proxy=self.proxy,
         )
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
-    def request(
+    async def request(
         self, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes | None
-    ) -> aiohttp.client._RequestContextManager:
-        return self.session.request(
-            method, self.base_url + path_qs, headers=headers, data=body, allow_redirects=False, proxy=self.proxy
-        )
+    ) -> UpstreamResponse:
+        if self._pool is None:
+            raise RuntimeError("Upstream.start() has not run")
+        return await self._pool.request(method, path_qs, headers.items(), body)
