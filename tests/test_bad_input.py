@@ -7,6 +7,7 @@ each end in 408, 413, 431, 400 or a closed connection, in Anthropic's error shap
 from __future__ import annotations
 
 import json
+import re
 import socket
 from collections.abc import Callable
 
@@ -157,6 +158,76 @@ def test_malformed_http_is_a_json_400(gate: RunningGate) -> None:
     assert status == 400
     assert headers["content-type"].startswith("application/json")
     assert_anthropic_error(body, "invalid_request_error")
+
+
+def _post_head(gate: RunningGate, extra: bytes) -> bytes:
+    return b"POST /v1/messages HTTP/1.1\r\nHost: gate\r\nAuthorization: Bearer %b\r\n%b" % (
+        gate.token().encode(),
+        extra,
+    )
+
+
+_BODY = b'{"model":"claude-sonnet-4-5","max_tokens":8,"messages":[{"role":"user","content":"hi"}]}'
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",  # CL.TE smuggling shape
+        b"Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        b"Content-Length: -1\r\n\r\n",
+        b"Transfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",  # a chunk size that is not hex
+    ],
+    ids=["cl-and-te", "two-lengths", "negative-length", "bad-chunk-size"],
+)
+def test_ambiguous_or_broken_body_framing_is_a_json_400_and_reaches_no_one(
+    gate: RunningGate, fake: FakeAnthropic, framing: bytes
+) -> None:
+    with connect(gate) as sock:
+        sock.sendall(_post_head(gate, framing))
+        status, _, body = read_response(sock)
+        assert read_until_closed(sock) == b""  # and the connection is not reused after it
+    assert status == 400
+    assert_anthropic_error(body, "invalid_request_error")
+    assert fake.received == []
+
+
+def test_a_chunked_request_body_is_relayed_like_any_other(gate: RunningGate, fake: FakeAnthropic) -> None:
+    chunks = b"".join(b"%x\r\n%b\r\n" % (len(part), part) for part in (_BODY[:20], _BODY[20:]))
+    with connect(gate) as sock:
+        sock.sendall(_post_head(gate, b"Transfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n"))
+        status, _, _ = read_response(sock)
+    assert status == 200
+    assert fake.received[-1].body == _BODY  # forwarded byte for byte, with its length
+
+
+def test_expect_100_continue_gets_continue_then_the_answer(gate: RunningGate, fake: FakeAnthropic) -> None:
+    with connect(gate) as sock:
+        sock.sendall(_post_head(gate, b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(_BODY)))
+        interim = sock.recv(65536)
+        assert interim.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(_BODY)
+        status, _, _ = read_response(sock)
+    assert status == 200
+
+
+def test_pipelined_requests_are_answered_in_order(gate: RunningGate) -> None:
+    with connect(gate) as sock:
+        sock.sendall(
+            b"GET /nowhere HTTP/1.1\r\nHost: gate\r\n\r\n"
+            b"GET / HTTP/1.1\r\nHost: gate\r\n\r\n"
+            b"DELETE /v1/messages HTTP/1.1\r\nHost: gate\r\nConnection: close\r\n\r\n"
+        )
+        answers = read_until_closed(sock)  # the last request asked to close
+    statuses = [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", answers)]
+    assert statuses == [404, 200, 405]
+
+
+def test_http_1_0_gets_an_answer_and_a_closed_connection(gate: RunningGate) -> None:
+    with connect(gate) as sock:
+        sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        status, headers, body = read_response(sock)
+    assert status == 200 and headers["connection"] == "close" and json.loads(body)["status"] == "ok"
 
 
 # ------------------------------------------------------------------------------------------------ load

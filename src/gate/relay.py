@@ -26,7 +26,7 @@ from gate.events import UsageEvents
 from gate.events.envelope import rfc3339_millis
 from gate.keys import Key, KeyPool, NoKeyAvailable
 from gate.logs import access_line
-from gate.server import BodyTooLarge, Request, Response, StreamResponse
+from gate.server import BadBody, BodyTooLarge, Request, Response, StreamResponse
 from gate.settings import GateSettings
 from gate.telemetry import Telemetry
 from gate.upstream import Upstream, request_headers, response_headers
@@ -211,6 +211,8 @@ class Relay:
                 return await request.read()
         except ConnectionError:
             raise _ClientGone() from None
+        except BadBody:
+            return error_response(400, "The request body's chunked framing is malformed.")
         except BodyTooLarge:
             return error_response(413, f"Request body is larger than the gateway's limit of {self._max_body} bytes.")
         except TimeoutError:

@@ -23,7 +23,7 @@ from typing import Any, cast
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
-__all__ = ["BodyTooLarge", "HttpServer", "Request", "Response", "Router", "StreamResponse"]
+__all__ = ["BadBody", "BodyTooLarge", "HttpServer", "Request", "Response", "Router", "StreamResponse"]
 
 log = logging.getLogger("gate.server")
 
@@ -43,6 +43,10 @@ _NO_BODY_STATUSES = frozenset({204, 304})
 
 class BodyTooLarge(Exception):
     """The request body exceeds the server's ``max_body_size``; it was not kept."""
+
+
+class BadBody(Exception):
+    """The request body's framing is broken (say, a malformed chunk size); the connection will close."""
 
 
 class _HeaderLimit(Exception):
@@ -78,6 +82,7 @@ class Request:
         "_conn",
         "_size",
         "_waiter",
+        "broken",
         "complete",
         "headers",
         "keep_alive",
@@ -110,6 +115,7 @@ class Request:
         self.match_info: dict[str, str] = {}
         self.complete = False  # the whole body has arrived
         self.too_large = False
+        self.broken = False  # the body's framing was malformed
         self._chunks: list[bytes] = []
         self._size = 0
         self._body: bytes | None = None
@@ -125,8 +131,9 @@ class Request:
         return None if self._conn is None else self._conn.transport
 
     async def read(self) -> bytes:
-        """The whole body (waits for the rest of it); :class:`BodyTooLarge` past the server's limit."""
-        if not self.complete and not self.too_large:
+        """The whole body (waits for the rest of it); :class:`BodyTooLarge` past the server's limit,
+        :class:`BadBody` when its framing is malformed."""
+        if not self.complete and not self.too_large and not self.broken:
             if self._conn is None or self._conn.transport is None:
                 raise ConnectionResetError("the client went away")
             self._conn.continue_body(self)
@@ -137,6 +144,8 @@ class Request:
                 self._waiter = None
         if self.too_large:
             raise BodyTooLarge()
+        if self.broken:
+            raise BadBody()
         if self._body is None:
             self._body = b"".join(self._chunks) if len(self._chunks) != 1 else self._chunks[0]
             self._chunks = []
@@ -613,13 +622,18 @@ class _Connection(asyncio.Protocol):
             return
         self._failed = True
         self._stop_header_clock()
-        self._parsing = None
+        parsing, self._parsing = self._parsing, None
         self._in_request = False
-        answer = self._server.error(status, message)
         self.must_close = True
         if self.transport is not None and not self._reading_paused:
             self._reading_paused = True
             self.transport.pause_reading()
+        if parsing is not None:
+            # The headers were fine, the body's framing is not: that request's handler answers (read() raises).
+            parsing.broken = True
+            parsing._wake()
+            return
+        answer = self._server.error(status, message)
         if self._task is None and not self._queue:
             self._write_whole(None, answer)
             self._close()
