@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import anthropic
@@ -293,3 +294,44 @@ def test_usage_record_per_call(start_gate, fake: FakeAnthropic) -> None:  # type
     assert by_stream[False]["input_tokens"] == 12 and by_stream[False]["output_tokens"] == 6
     assert by_stream[True]["input_tokens"] == 10682 and by_stream[True]["output_tokens"] == 510
     assert all(e["subject"] == "alice" for e in events)
+
+
+def test_an_answer_larger_than_the_buffer_is_relayed_with_its_length_once(
+    start_gate: Callable[..., RunningGate], fake: FakeAnthropic
+) -> None:
+    gate = start_gate()  # its own: the module's Gate may have its keys rate limited by an earlier test
+    # Past 8 MB the relay streams a Content-Length answer instead of buffering it: the client must get one
+    # Content-Length (upstream's) and no chunked framing beside it, and every byte.
+    text = "x" * (9 * 1024 * 1024)
+    answer = json.dumps(
+        {
+            "id": "msg_big",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-sonnet-4-5",
+            "content": [{"type": "text", "text": text}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": {"input_tokens": 3, "output_tokens": 4},
+        }
+    ).encode()
+    fake.enqueue(Reply(body=answer, stream=False, cuts=[65536] * 8))
+    with socket.create_connection(("127.0.0.1", gate.port), timeout=10) as sock:
+        body = json.dumps(MESSAGE).encode()
+        sock.sendall(
+            b"POST /v1/messages HTTP/1.1\r\nHost: gate\r\nAuthorization: Bearer %b\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
+            % (gate.token().encode(), len(body), body)
+        )
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += sock.recv(65536)
+        head, _, rest = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        names = [line.split(b":", 1)[0].lower() for line in head.split(b"\r\n")[1:]]
+        assert names.count(b"content-length") == 1 and b"transfer-encoding" not in names
+        while len(rest) < len(answer):
+            chunk = sock.recv(1 << 20)
+            assert chunk, "the answer was cut short"
+            rest += chunk
+    assert rest == answer

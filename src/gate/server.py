@@ -34,6 +34,7 @@ _CONTENT_LENGTH = istr("content-length")
 _CONTENT_TYPE = istr("content-type")
 _DATE = istr("date")
 _EXPECT = istr("expect")
+_FRAMING = frozenset({"content-length", "transfer-encoding", "connection"})
 _MAX_HEADERS = 128  # as aiohttp: real clients send a few dozen
 _MAX_QUEUED = 16  # pipelined requests held before the connection stops reading
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
@@ -211,6 +212,10 @@ class StreamResponse:
             raise ConnectionResetError("the client went away")
         self._conn = conn
         self._head_only = request.method == "HEAD"
+        if self.content_length is None:  # a relayed Content-Length frames the body (the head writes it once)
+            given = self.headers.get(_CONTENT_LENGTH)
+            if given is not None and given.isdigit():
+                self.content_length = int(given)
         length = self.content_length
         if length is None and self.status not in _NO_BODY_STATUSES and not self._head_only:
             if request.version == "1.1":
@@ -562,6 +567,8 @@ class _Connection(asyncio.Protocol):
         for name, value in headers.items():
             if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
                 continue  # never let a header value split the response
+            if name.lower() in _FRAMING:
+                continue  # the framing below is the one this response is sent with
             lines.append(f"{name}: {value}\r\n")
         if _DATE not in headers:
             lines.append(f"Date: {_DATES.get()}\r\n")
