@@ -177,6 +177,14 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         self.transport = None
         self.reusable = False
+        response = self._response
+        if (
+            exc is None
+            and response is not None
+            and response.content_length is None
+            and "chunked" not in response.headers.get("transfer-encoding", "").lower()
+        ):
+            response._finish()  # neither length nor chunks: the body ends with the connection (RFC 9112 6.3)
         self._broke("the connection to upstream closed")
         self._pool.forget(self)
 
