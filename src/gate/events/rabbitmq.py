@@ -120,6 +120,8 @@ class RabbitMQSink:
         _, late = await asyncio.wait(publishes, timeout=self._timeout)
         for publish in late:
             publish.cancel()
+        if late:
+            await asyncio.wait(late)  # let the cancellations land before reading outcomes
         result = SendResult()
         for event, publish in zip(events, publishes, strict=True):
             if publish.cancelled():
