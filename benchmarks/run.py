@@ -488,7 +488,8 @@ class Bench:
         data = json.loads(line[len("WRK_JSON ") :])
         secs = data["duration_us"] / 1e6
         errors = data["errors"]
-        fit_from = seconds * 0.25
+        # RSS settles for about a minute after start (allocator arenas, pools and caches filling): not a trend.
+        fit_from = max(seconds * 0.25, min(60.0, seconds / 2))
         fit = [(t, r) for t, r in samples if t >= fit_from] or samples
         result = {
             "target": c.name,
