@@ -32,7 +32,8 @@ def machine_info(litellm_version: str) -> dict[str, Any]:
     lscpu = _run(["lscpu"])
     model = re.search(r"^Model name:\s*(.+)$", lscpu, re.MULTILINE)
     packages = {}
-    for name in ("aiohttp", "uvloop", "orjson", "pydantic", "PyJWT", "aio-pika", "opentelemetry-sdk", "gate"):
+    names = ("httptools", "uvloop", "aiohttp", "orjson", "pydantic", "PyJWT", "aiormq", "opentelemetry-sdk", "gate")
+    for name in names:
         try:
             packages[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
