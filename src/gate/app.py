@@ -111,7 +111,7 @@ class Gate:
         limits = self.settings.server.limits
         return HttpServer(
             router,
-            error=lambda status, message: error_response(status, message),
+            error=error_response,
             max_body_size=limits.max_body_size,
             max_header_size=limits.max_header_size,
             header_timeout=limits.header_timeout,

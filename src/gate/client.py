@@ -2,9 +2,9 @@
 parsed by httptools (llhttp), TLS from the standard library, an egress proxy by CONNECT (or absolute form for
 plain HTTP).
 
-Why not aiohttp's client, which Gate used first: on the benchmark rig a pass-through proxy on Gate's server went
-from ~10,000 to ~20,000 JSON requests/s on one core when aiohttp's ``ClientSession`` gave way to a bare
-protocol on the same parser (``benchmarks/ANALYSIS.md``): about 50 us per call, a quarter of Gate's whole budget,
+Why not aiohttp's client, which Gate used first: on the benchmark rig a pass-through proxy on a bare server went
+from ~9,100 to ~20,000 JSON requests/s on one core when aiohttp's ``ClientSession`` gave way to a bare
+protocol on the same parser (``benchmarks/ANALYSIS.md``): about 60 us per call, a third of Gate's whole budget,
 spent on machinery a gateway to a single origin does not use (cookies, redirects, auth helpers, payload
 registries, tracing hooks, per-request URL and timer objects). What must be exact, the response framing, stays
 with llhttp; this module owns the pool, the request bytes, and flow control of response bodies.
@@ -45,7 +45,7 @@ class ConnectTimeout(ConnectError):
 class UpstreamResponse:
     """A response whose headers have arrived; its body is read with ``readany``/``read``.
 
-    ``release`` hands a fully read connection back to the pool; ``close`` drops it (upstream sees the cancel).
+    ``release`` hands a fully read connection back to the pool and drops any other (upstream sees the cancel).
     """
 
     __slots__ = (
@@ -57,14 +57,12 @@ class UpstreamResponse:
         "_waiter",
         "content_length",
         "headers",
-        "reason",
         "status",
     )
 
     def __init__(self, conn: _Connection, status: int, headers: CIMultiDictProxy[str]) -> None:
         self._conn: _Connection | None = conn
         self.status = status
-        self.reason = ""
         self.headers = headers
         length = headers.get("content-length")
         self.content_length = int(length) if length is not None and length.isdigit() else None
@@ -73,10 +71,6 @@ class UpstreamResponse:
         self._done = False
         self._error: ClientError | None = None
         self._waiter: asyncio.Future[None] | None = None
-
-    def is_eof(self) -> bool:
-        """The whole body has arrived and been taken (or there was none)."""
-        return self._done and not self._chunks
 
     def complete(self) -> bool:
         """The whole body has arrived (some of it may still be buffered here)."""
@@ -113,11 +107,6 @@ class UpstreamResponse:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.finished(reusable=self._done and self._error is None)
-
-    def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.finished(reusable=False)
 
     # -------------------------------------------------------------------------------------- the connection's side
 
@@ -195,12 +184,6 @@ class _Connection(asyncio.Protocol):
             self.reusable = False
             self._broke("upstream sent a malformed response")
             self.abort()
-
-    def eof_received(self) -> bool:
-        with contextlib.suppress(httptools.HttpParserError):
-            self._parser.feed_data(b"")  # a body delimited by the close ends here
-        self.reusable = False
-        return False
 
     # ------------------------------------------------------------------------------------------- parser callbacks
 

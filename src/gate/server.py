@@ -1,8 +1,9 @@
 """Gate's HTTP/1.1 server: connections on ``asyncio.Protocol``, parsed by httptools (llhttp), routed to handlers.
 
-Why not a library's server: the relay needs only "a whole request in, bytes streamed out", and on the benchmark
-rig (``benchmarks/ANALYSIS.md``) aiohttp's server took about half of a minimal proxy's CPU per request and
-uvicorn's ASGI layer most of that again, against about a quarter for a bare protocol on the same parser. Parsing,
+Why not a library's server: the relay needs only "a whole request in, bytes streamed out", and a pass-through
+proxy with aiohttp's client (wrk, c=50, one pinned core; ``benchmarks/ANALYSIS.md``) served ~6,000 JSON
+requests/s on aiohttp's server, ~6,400 as a raw ASGI callable on uvicorn, ~7,500 on Granian's RSGI and ~9,100 on
+a bare ``asyncio.Protocol`` over the same parser: about 55 us per request that Gate's budget cannot spare. Parsing,
 the part that must be exact under hostile input, stays with llhttp (Node.js's parser, via httptools, as uvicorn
 uses it: it refuses smuggling shapes such as Content-Length beside chunked). This module owns only the
 connection's life: keep-alive, pipelined requests answered in order, deadlines for headers and idleness, flow
@@ -91,7 +92,6 @@ class Request:
         "method",
         "path",
         "path_qs",
-        "query_string",
         "too_large",
         "version",
     )
@@ -109,7 +109,7 @@ class Request:
         self._conn = conn
         self.method = method
         self.path_qs = path_qs  # the request target as sent (origin form), forwarded upstream unchanged
-        self.path, _, self.query_string = path_qs.partition("?")
+        self.path = path_qs.partition("?")[0]
         self.headers = headers
         self.version = version
         self.keep_alive = keep_alive
@@ -399,9 +399,7 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self.must_close = True  # Gate speaks no upgraded protocols: the request is answered, then we close
             self.on_message_complete()
-        except _HeaderLimit:
-            self._fail(431, f"The request line or headers exceed the gateway's limit of {self._limit} bytes.")
-        except httptools.HttpParserCallbackError as exc:
+        except httptools.HttpParserCallbackError as exc:  # what a callback raised is its __context__
             if isinstance(exc.__context__, _HeaderLimit):
                 self._fail(431, f"The request line or headers exceed the gateway's limit of {self._limit} bytes.")
             else:
@@ -537,13 +535,7 @@ class _Connection(asyncio.Protocol):
         finally:
             self._task = None
             self._current = None
-        if (
-            not request.complete
-            or not request.keep_alive
-            or self.must_close
-            or server.draining
-            or self.transport is None
-        ):
+        if self.transport is None or self._closes_after(request):
             self._close()
         elif self._queue:
             self._next()
