@@ -82,6 +82,7 @@ class Relays:
     forwarded: list[str] = field(default_factory=list)  # request lines of absolute-form requests
     proxy_auth: list[str] = field(default_factory=list)
     tls_connections: int = 0
+    proxy_connections: int = 0
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
     _servers: list[asyncio.Server] = field(default_factory=list)
     _thread: threading.Thread | None = None
@@ -126,6 +127,7 @@ class Relays:
         await _pipe_both(reader, writer, up_reader, up_writer)
 
     async def _proxy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.proxy_connections += 1
         head = await reader.readuntil(b"\r\n\r\n")
         request_line, *header_lines = head.decode("latin-1").split("\r\n")
         for line in header_lines:
@@ -222,7 +224,11 @@ def test_plain_http_upstream_through_a_forward_proxy(
     assert relays.connects == []
 
 
-def test_a_pool_of_one_connection_serves_concurrent_streams_in_turn(start_gate: Any, fake: FakeAnthropic) -> None:
+def test_a_pool_of_one_connection_serves_concurrent_streams_in_turn(
+    start_gate: Any, fake: FakeAnthropic, relays: Relays, clean_proxy_env: pytest.MonkeyPatch
+) -> None:
+    # Through the forward proxy, each upstream connection Gate opens is one proxy connection: countable.
+    clean_proxy_env.setenv("HTTP_PROXY", f"http://127.0.0.1:{relays.proxy_port}")
     gate = start_gate(anthropic={"api": {"pool-size": 1}})
     fake.enqueue(*[Reply(fixture="stream-basic.sse", headers_delay=0.2) for _ in range(3)])
 
@@ -239,5 +245,6 @@ def test_a_pool_of_one_connection_serves_concurrent_streams_in_turn(start_gate: 
     for thread in threads:
         thread.join(30)
     assert results == ["end_turn"] * 3
+    assert relays.proxy_connections == 1  # the three took turns on one connection
     events = read_events(Path(gate.settings.usage.file.path), 3)
     assert all(event["data"]["status"] == "success" for event in events)
