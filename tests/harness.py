@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 import orjson
 
 from gate.app import Gate, serve
+from gate.ops.telemetry import Telemetry
 from gate.settings import GateSettings, load_settings
-from gate.telemetry import Telemetry
 
 T = TypeVar("T")
 
@@ -141,7 +141,7 @@ class RunningGate:
         self.bg.close()
 
     def token(self, sub: str = "alice", ttl: float = 3600) -> str:
-        from gate.auth import mint_dev_token
+        from gate.identity.auth import mint_dev_token
 
         return mint_dev_token(self.settings, sub, ttl)
 

@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from gate.auth import Authenticator, AuthError, Identity, JwksError, _max_age, parse_jwks, www_authenticate
-from gate.devauth import PRIVATE_KEY_FILE, load_or_create_key_pair, mint_dev_token, resolve_data_dir
+from gate.identity.auth import Authenticator, AuthError, Identity, JwksError, _max_age, parse_jwks, www_authenticate
+from gate.identity.devauth import PRIVATE_KEY_FILE, load_or_create_key_pair, mint_dev_token, resolve_data_dir
 from gate.settings import ConfigError, GateSettings, JwtSettings
 from tests.jwks import (
     OMIT,

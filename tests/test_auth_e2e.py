@@ -27,7 +27,7 @@ from joserfc import jwt as jose_jwt
 from joserfc.errors import SecurityWarning
 from joserfc.jwk import KeySet as JoseKeySet
 
-from gate.logs import JsonFormatter
+from gate.ops.logs import JsonFormatter
 from gate.settings import ConfigError
 from tests.fake_anthropic import FakeAnthropic
 from tests.harness import BackgroundLoop, RunningGate, gate_settings, read_events

@@ -11,14 +11,14 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from gate.breaker import (
+from gate.settings import CircuitBreakerSettings
+from gate.upstreams.breaker import (
     HALF_OPEN_RETRY_AFTER,
     BreakerState,
     CircuitBreaker,
     CircuitOpenError,
     Permit,
 )
-from gate.settings import CircuitBreakerSettings
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
 

@@ -14,6 +14,7 @@ from cloudevents.v1.http import from_http, from_json
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gate.accounting.usage import UsageRecord
 from gate.events.envelope import (
     DATA_CONTENT_TYPE,
     OPTIONAL_DATA_FIELDS,
@@ -26,7 +27,6 @@ from gate.events.envelope import (
 )
 from gate.events.pubsub import CONTENT_TYPE_ATTRIBUTE, PUBSUB_ATTRIBUTE_PREFIX
 from gate.events.rabbitmq import AMQP_ATTRIBUTE_PREFIX
-from gate.usage import UsageRecord
 
 TYPE = "io.github.samzhu.gate.usage.v1"
 SOURCE = "/gate/messages"

@@ -16,8 +16,8 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
-from gate.keys import Key, KeyPool, NoKeyAvailable
 from gate.settings import AnthropicApiSettings, ApiKey, KeyHealthSettings
+from gate.upstreams.keys import Key, KeyPool, NoKeyAvailable
 
 SECRET = "sk-ant-api03-TOPSECRET"
 

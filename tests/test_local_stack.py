@@ -14,9 +14,9 @@ import yaml
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
+from gate.accounting.usage import UsageRecord
+from gate.ops.telemetry import Telemetry
 from gate.settings import ObservabilitySettings
-from gate.telemetry import Telemetry
-from gate.usage import UsageRecord
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yaml"

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext
 
-from gate.logs import access_log, configure_logging, redact
+from gate.ops.logs import access_log, configure_logging, redact
 
 API_KEY = "sk-ant-api03-" + "Zq9XwV7u" * 11 + "-Ab_cAA"
 KEY_BODY = "Zq9XwV7u"

@@ -27,10 +27,10 @@ from opentelemetry.trace import SpanKind
 from prometheus_client.parser import text_string_to_metric_families
 
 from gate import __version__
-from gate.auth import mint_dev_token
-from gate.logs import configure_logging
+from gate.identity.auth import mint_dev_token
+from gate.ops.logs import configure_logging
+from gate.ops.telemetry import Telemetry
 from gate.settings import load_settings
-from gate.telemetry import Telemetry
 from tests.fake_anthropic import FakeAnthropic, error_reply, fixture
 from tests.harness import BackgroundLoop, RunningGate, free_port, gate_settings, read_events
 from tests.jwks import JwksServer, tamper_signature

@@ -19,9 +19,9 @@ from typing import Any
 import orjson
 import pytest
 
+from gate.accounting.usage import UsageRecord
 from gate.events import Outbox, PendingEvent, SendResult, SinkUnavailable, UsageEvents
 from gate.settings import UsageSettings
-from gate.usage import UsageRecord
 from tests.brokers import wait_until
 
 
@@ -291,7 +291,7 @@ _PUBLISHER = textwrap.dedent(
     import asyncio, sys
     from gate.events import SendResult, SinkUnavailable, UsageEvents
     from gate.settings import UsageSettings
-    from gate.usage import UsageRecord
+    from gate.accounting.usage import UsageRecord
 
     class Unreachable:
         name = "unreachable"

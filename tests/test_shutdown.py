@@ -19,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from gate.auth import mint_dev_token
+from gate.identity.auth import mint_dev_token
 from gate.settings import load_settings
 from tests.fake_anthropic import FakeAnthropic, Reply, fixture
 from tests.harness import free_port, read_events

@@ -16,10 +16,10 @@ from cloudevents.core.formats.json import JSONFormat
 from cloudevents.v1.http import from_http, from_json
 from pydantic import SecretStr
 
+from gate.accounting.usage import UsageRecord
 from gate.events import UsageEvents
 from gate.events.sink import describe_error
 from gate.settings import UsageSettings
-from gate.usage import UsageRecord
 from tests.brokers import (
     RABBITMQ_URL,
     PubSubPuller,

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gate.sse import SSEDecoder, SSEEvent
+from gate.accounting.sse import SSEDecoder, SSEEvent
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SSE_FIXTURES = sorted(FIXTURES.glob("*.sse"))

@@ -27,9 +27,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client.parser import text_string_to_metric_families
 
+from gate.accounting.usage import UsageRecord
+from gate.ops.telemetry import OVERHEAD_BUCKETS, Telemetry, _Histogram, _otlp_wanted
 from gate.settings import ObservabilitySettings
-from gate.telemetry import OVERHEAD_BUCKETS, Telemetry, _Histogram, _otlp_wanted
-from gate.usage import UsageRecord
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 PARENT_SPAN_ID = "b7ad6b7169203331"

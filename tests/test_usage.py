@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gate.sse import SSEDecoder
-from gate.usage import MAX_LINE_BYTES, UsageMeter, filter_accept_encoding
+from gate.accounting.sse import SSEDecoder
+from gate.accounting.usage import MAX_LINE_BYTES, UsageMeter, filter_accept_encoding
 
 FIXTURES = Path(__file__).parent / "fixtures"
 BASIC = (FIXTURES / "stream-basic.sse").read_bytes()

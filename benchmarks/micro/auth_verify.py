@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.jwks import JwksServer
 
-from gate.auth import Authenticator
+from gate.identity.auth import Authenticator
 from gate.settings import JwtSettings
 
 

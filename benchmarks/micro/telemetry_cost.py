@@ -6,9 +6,9 @@ import sys
 import timeit
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2] / "src"))
+from gate.accounting.usage import UsageRecord
+from gate.ops.telemetry import Telemetry
 from gate.settings import ObservabilitySettings
-from gate.telemetry import Telemetry
-from gate.usage import UsageRecord
 
 rec = UsageRecord(
     subject="alice",

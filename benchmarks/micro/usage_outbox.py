@@ -9,9 +9,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from gate.accounting.usage import UsageRecord
 from gate.events import Outbox, SendResult, SinkUnavailable, UsageEvents, build_event, encode_event
 from gate.settings import UsageSettings
-from gate.usage import UsageRecord
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.brokers import RABBITMQ_URL, RabbitConsumer, delete_exchange

@@ -15,18 +15,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gate import __version__
-from gate.auth import Authenticator
-from gate.breaker import CircuitBreaker
-from gate.errors import error_response
 from gate.events import UsageEvents
-from gate.health import Health
-from gate.keys import KeyPool
-from gate.logs import flush_access_log
+from gate.http.server import HttpServer, Request, Response, Router
+from gate.identity.auth import Authenticator
+from gate.ops.errors import error_response
+from gate.ops.health import Health
+from gate.ops.logs import flush_access_log
+from gate.ops.telemetry import Telemetry
 from gate.relay import Relay
-from gate.server import HttpServer, Request, Response, Router
 from gate.settings import GateSettings
-from gate.telemetry import Telemetry
-from gate.upstream import Upstream
+from gate.upstreams.anthropic import Upstream
+from gate.upstreams.breaker import CircuitBreaker
+from gate.upstreams.keys import KeyPool
 
 __all__ = ["Gate", "run", "serve"]
 
@@ -264,7 +264,7 @@ def _run_workers(settings: GateSettings) -> None:
 
 
 def _worker_main(settings: GateSettings) -> None:
-    from gate.logs import configure_logging
+    from gate.ops.logs import configure_logging
 
     logging_settings = settings.observability.logging
     configure_logging(logging_settings.format, logging_settings.level)

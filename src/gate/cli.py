@@ -84,7 +84,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = _load(args, overrides)
 
     from gate.app import run
-    from gate.logs import configure_logging
+    from gate.ops.logs import configure_logging
 
     logging_settings = settings.observability.logging
     configure_logging(logging_settings.format, logging_settings.level)
@@ -104,7 +104,7 @@ def _token(args: argparse.Namespace) -> int:
             "security.jwt.jwk-set-uri; get a token from your identity provider instead.\n"
         )
         return 2
-    from gate.auth import mint_dev_token
+    from gate.identity.auth import mint_dev_token
 
     try:
         ttl = parse_duration(args.ttl)

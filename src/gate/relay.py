@@ -18,19 +18,19 @@ from typing import Any
 import orjson
 from multidict import istr
 
-from gate.auth import Authenticator, AuthError, www_authenticate
-from gate.breaker import CircuitBreaker, CircuitOpenError, Permit
-from gate.client import ClientError, ConnectError, ConnectTimeout, UpstreamResponse
-from gate.errors import error_response, error_type_for
+from gate.accounting.usage import UsageMeter, UsageRecord, filter_accept_encoding
 from gate.events import UsageEvents
 from gate.events.envelope import rfc3339_millis
-from gate.keys import Key, KeyPool, NoKeyAvailable
-from gate.logs import access_line
-from gate.server import BadBody, BodyTooLarge, Request, Response, StreamResponse
+from gate.http.client import ClientError, ConnectError, ConnectTimeout, UpstreamResponse
+from gate.http.server import BadBody, BodyTooLarge, Request, Response, StreamResponse
+from gate.identity.auth import Authenticator, AuthError, www_authenticate
+from gate.ops.errors import error_response, error_type_for
+from gate.ops.logs import access_line
+from gate.ops.telemetry import Telemetry
 from gate.settings import GateSettings
-from gate.telemetry import Telemetry
-from gate.upstream import Upstream, request_headers, response_headers
-from gate.usage import UsageMeter, UsageRecord, filter_accept_encoding
+from gate.upstreams.anthropic import Upstream, request_headers, response_headers
+from gate.upstreams.breaker import CircuitBreaker, CircuitOpenError, Permit
+from gate.upstreams.keys import Key, KeyPool, NoKeyAvailable
 
 __all__ = ["Relay"]
 

@@ -23,7 +23,7 @@ import orjson
 from cloudevents.core.exceptions import CloudEventValidationError
 from cloudevents.core.v1.event import CloudEvent
 
-from gate.usage import UsageRecord
+from gate.accounting.usage import UsageRecord
 
 __all__ = [
     "DATA_CONTENT_TYPE",

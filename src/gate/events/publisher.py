@@ -20,11 +20,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from gate.accounting.usage import UsageRecord
 from gate.events.envelope import build_event, encode_event, new_event_ids
 from gate.events.outbox import Outbox, OutboxError, PendingEvent
 from gate.events.sink import SendResult, Sink, SinkUnavailable
 from gate.settings import UsageSettings
-from gate.usage import UsageRecord
 
 __all__ = ["UsageEvents", "make_sink"]
 

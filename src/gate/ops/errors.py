@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import orjson
 
-from gate.server import Response
+from gate.http.server import Response
 
 __all__ = ["error_body", "error_response", "error_type_for"]
 

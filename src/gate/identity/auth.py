@@ -25,7 +25,7 @@ from cachetools import TLRUCache
 from cryptography.hazmat.primitives.asymmetric import rsa
 from yarl import URL
 
-from gate.devauth import DevKeyPair, load_or_create_key_pair, mint_dev_token, resolve_data_dir
+from gate.identity.devauth import DevKeyPair, load_or_create_key_pair, mint_dev_token, resolve_data_dir
 from gate.settings import JwtSettings
 
 __all__ = [

@@ -54,7 +54,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from gate.settings import ObservabilitySettings
 
 if TYPE_CHECKING:
-    from gate.usage import UsageRecord
+    from gate.accounting.usage import UsageRecord
 
 __all__ = ["BREAKER_STATE_VALUES", "Telemetry"]
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from multidict import CIMultiDict, istr
 from yarl import URL
 
-from gate.client import Pool, UpstreamResponse
+from gate.http.client import Pool, UpstreamResponse
 from gate.settings import AnthropicApiSettings
 
 __all__ = ["HOP_BY_HOP", "Upstream", "request_headers", "response_headers"]

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gate.logs import redact
-from gate.server import Request, Response
+from gate.http.server import Request, Response
+from gate.ops.logs import redact
 
 if TYPE_CHECKING:
     from gate.app import Gate

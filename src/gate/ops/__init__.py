@@ -1,0 +1,7 @@
+"""What operators see.
+
+- ``gate.ops.health``: ``Health`` (Spring Boot's ``/actuator/health`` shape, liveness and readiness).
+- ``gate.ops.telemetry``: ``Telemetry`` (OpenTelemetry traces and metrics, the Prometheus scrape).
+- ``gate.ops.logs``: structured logs, redaction of credentials, the access line.
+- ``gate.ops.errors``: Gate's own error answers in Anthropic's shape.
+"""
