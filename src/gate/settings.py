@@ -139,6 +139,14 @@ class DevAuthSettings(_Section):
     issuer: str = "gate-dev"
 
 
+class ClaimSettings(_Section):
+    """Which JWT claims name the caller's e-mail, display name and groups (IdPs differ: Entra's ``roles``, ...)."""
+
+    email: str = "email"
+    name: str = "name"
+    groups: str = "groups"
+
+
 class JwtSettings(_Section):
     jwk_set_uri: str | None = None
     leeway: Duration = 60.0
@@ -149,6 +157,7 @@ class JwtSettings(_Section):
     audiences: list[str] = []
     cache_size: int = Field(10_000, ge=0)
     max_token_length: Size = 16 * 1024
+    claims: ClaimSettings = ClaimSettings()
     dev: DevAuthSettings = DevAuthSettings()
 
     @field_validator("jwk_set_uri", "issuer", mode="before")

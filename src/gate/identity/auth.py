@@ -88,6 +88,9 @@ class Identity:
     expires_at: float | None
     issuer: str | None = None
     key_id: str | None = None
+    email: str | None = None
+    name: str | None = None
+    groups: frozenset[str] = frozenset()  # from the configured groups claim (a list of strings, or one string)
 
 
 class AuthError(Exception):
@@ -482,6 +485,7 @@ class Authenticator:
         self._settings = settings
         self._clock = clock
         self._leeway = settings.leeway
+        self._claims = settings.claims
         self._max_length = settings.max_token_length
         self._issuer = settings.issuer or (settings.dev.issuer if dev_auth else None)
         self._audiences = list(settings.audiences) or None
@@ -677,7 +681,18 @@ class Authenticator:
         if not isinstance(sub, str) or not sub.strip():
             raise AuthError("missing_sub", "the token names no subject (sub), so the caller is unknown")
         issuer = payload.get("iss")
-        return Identity(sub=sub, expires_at=expires, issuer=issuer if isinstance(issuer, str) else None, key_id=kid)
+        claims = self._claims
+        email = payload.get(claims.email)
+        name = payload.get(claims.name)
+        return Identity(
+            sub=sub,
+            expires_at=expires,
+            issuer=issuer if isinstance(issuer, str) else None,
+            key_id=kid,
+            email=email if isinstance(email, str) else None,
+            name=name if isinstance(name, str) else None,
+            groups=_groups(payload.get(claims.groups)),
+        )
 
     def _cache_until(self, _digest: bytes, identity: Identity, now: float) -> float:
         return identity.expires_at if identity.expires_at is not None else now + _NO_EXP_CACHE_SECONDS
@@ -761,6 +776,15 @@ def _decode_header(token: str) -> dict[str, Any]:
     if not isinstance(header, dict):
         raise AuthError("malformed", "the token's header is not a JSON object")
     return header
+
+
+def _groups(value: Any) -> frozenset[str]:
+    """A groups claim as a set: a list of strings (others ignored) or one string; anything else is no group."""
+    if isinstance(value, str):
+        return frozenset((value,)) if value else frozenset()
+    if isinstance(value, list):
+        return frozenset(item for item in value if isinstance(item, str) and item)
+    return frozenset()
 
 
 def _numeric_date(payload: Mapping[str, Any], claim: str) -> float | None:
