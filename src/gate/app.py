@@ -27,6 +27,7 @@ from gate.settings import GateSettings
 from gate.upstreams.anthropic import Upstream
 from gate.upstreams.breaker import CircuitBreaker
 from gate.upstreams.keys import KeyPool
+from gate.upstreams.probe import KeyProber
 
 __all__ = ["Gate", "run", "serve"]
 
@@ -49,6 +50,7 @@ class Gate:
     upstream: Upstream = field(init=False)
     auth: Authenticator = field(init=False)
     keys: KeyPool = field(init=False)
+    prober: KeyProber = field(init=False)
     breaker: CircuitBreaker = field(init=False)
     events: UsageEvents = field(init=False)
     health: Health = field(init=False)
@@ -62,7 +64,16 @@ class Gate:
         self.upstream = Upstream(s.anthropic.api)
         self.auth = Authenticator(s.security.jwt, dev_auth=s.dev_auth)
         self.auth.on_refresh = telemetry.on_jwks_refresh
-        self.keys = KeyPool(s.anthropic.api.usable_keys, s.anthropic.api.key_health, on_event=telemetry.on_key_event)
+        api = s.anthropic.api
+        self.keys = KeyPool(api.usable_keys, api.key_health, on_event=telemetry.on_key_event)
+        self.prober = KeyProber(
+            self.keys,
+            self.upstream,
+            api.key_health,
+            default_version=api.default_version,
+            timeout=min(api.timeouts.response_headers, 30.0),
+        )
+        self.keys.on_quarantine = self.prober.watch
         self.breaker = CircuitBreaker(
             s.resilience.circuit_breaker, on_state_change=lambda old, new: telemetry.on_breaker_change(old, new)
         )
@@ -164,6 +175,7 @@ class Gate:
         flush_access_log()
         await self.events.close(self.settings.server.shutdown.flush_timeout)
         await self.auth.close()
+        await self.prober.close()
         await self.upstream.close()
         assert self.telemetry is not None
         await self.telemetry.shutdown()
