@@ -110,10 +110,14 @@ def test_one_request_answered_401_on_every_key_does_not_lock_the_keys_out(
 ) -> None:
     gate = start_gate(anthropic={"api": {"key-health": {"quarantine": "1h"}}})
     # Both keys refused for this one request (say, an intermediary's answer); the keys themselves are fine.
-    fake.enqueue(
-        error_reply(401, "authentication_error", "invalid x-api-key"),
-        error_reply(401, "authentication_error", "invalid x-api-key"),
-    )
+    refusals = [error_reply(401, "authentication_error", "invalid x-api-key") for _ in range(2)]
+
+    def first_two_posts_refused(r: Received) -> Reply:
+        if r.method == "GET":
+            return Reply(body=b'{"data":[],"has_more":false}', stream=False)  # the probes: the keys are good
+        return refusals.pop() if refusals else Reply(fixture="message-basic.json")
+
+    fake.responder = first_two_posts_refused
     response = post(gate)
     assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
     # The background probes find both keys good and put them back at once, not after an hour.

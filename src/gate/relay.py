@@ -11,6 +11,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
@@ -109,10 +110,10 @@ class _UpstreamCall:
     says how, and leaving its ``with`` block without ending it ends it by the way it was left (the client went
     away, the client stalled, or a bug of ours, which is never recorded as a success)."""
 
-    __slots__ = ("_exchange", "_relay", "ended", "http_status", "meter", "metered", "request_id")
+    __slots__ = ("_exchange", "_record", "ended", "http_status", "meter", "metered", "request_id")
 
-    def __init__(self, relay: Relay, exchange: _Exchange, *, metered: bool) -> None:
-        self._relay = relay
+    def __init__(self, record: _RecordFn, exchange: _Exchange, *, metered: bool) -> None:
+        self._record = record
         self._exchange = exchange
         self.metered = metered
         self.meter: UsageMeter | None = None
@@ -146,7 +147,7 @@ class _UpstreamCall:
             return
         self.ended = True
         if self.metered:
-            self._relay._record(self._exchange, self, status=status, error_type=error_type)
+            self._record(self._exchange, self, status, error_type)
 
     def end_with_error_body(self, body: bytes, headers: Any) -> None:
         """An upstream error answer that the client will not see (Gate retries): its type comes from its body."""
@@ -155,6 +156,9 @@ class _UpstreamCall:
         meter.finish()
         self.meter = meter
         self.end("error", meter.error_type or error_type_for(self.http_status or 502))
+
+
+_RecordFn = Callable[[_Exchange, "_UpstreamCall", str, "str | None"], None]
 
 
 @dataclass(slots=True, frozen=True)
@@ -274,9 +278,8 @@ class Relay:
         length = request.content_length
         if length is not None and length > self._max_body:
             return error_response(413, f"Request body is larger than the gateway's limit of {self._max_body} bytes.")
-        if request.complete:  # the whole body came with the headers: no deadline needed
-            return await request.read()
-        watchdog = self._watchdogs.watch(self._body_timeout)
+        # The whole body may have come with the headers: then no deadline is needed.
+        watchdog = None if request.complete else self._watchdogs.watch(self._body_timeout)
         try:
             return await request.read()
         except ConnectionError:
@@ -286,11 +289,12 @@ class Relay:
         except BodyTooLarge:
             return error_response(413, f"Request body is larger than the gateway's limit of {self._max_body} bytes.")
         except asyncio.CancelledError:
-            if watchdog.absorb_cancel():
+            if watchdog is not None and watchdog.absorb_cancel():
                 return error_response(408, "The request body did not arrive in time.")
             raise
         finally:
-            watchdog.stop()
+            if watchdog is not None:
+                watchdog.stop()
 
     # ------------------------------------------------------------------------------------------- upstream
 
@@ -327,7 +331,7 @@ class Relay:
                     exchange.model, stream=exchange.stream, server_address=self._upstream.server_address
                 ) as client_span:
                     exchange.client_span = client_span
-                    with _UpstreamCall(self, exchange, metered=metered) as call:
+                    with _UpstreamCall(self._record, exchange, metered=metered) as call:
                         outcome = await self._attempt(request, exchange, attempts, key, call)
                     exchange.client_span = None
                 if isinstance(outcome, _Retry):
@@ -574,7 +578,7 @@ class Relay:
 
     # ------------------------------------------------------------------------------------------- records
 
-    def _record(self, exchange: _Exchange, call: _UpstreamCall, *, status: str, error_type: str | None) -> None:
+    def _record(self, exchange: _Exchange, call: _UpstreamCall, status: str, error_type: str | None) -> None:
         meter = call.meter
         now = time.time()
         record = UsageRecord(
