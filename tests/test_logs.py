@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext
 
-from gate.ops.logs import access_log, configure_logging, redact
+from gate.ops.bounds import MAX_FIELD_CHARS
+from gate.ops.logs import access_line, access_log, configure_logging, redact
 
 API_KEY = "sk-ant-api03-" + "Zq9XwV7u" * 11 + "-Ab_cAA"
 KEY_BODY = "Zq9XwV7u"
@@ -231,6 +232,31 @@ def test_access_log_fields(configure: Configure) -> None:
     }  # fmt: skip
     assert {key: line[key] for key in expected} == expected
     assert "error_type" not in line  # None fields are left out
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_access_line_strings_are_cut_to_the_documented_maximum(configure: Configure, fmt: str) -> None:
+    out = configure(fmt)
+    huge = "m" * (11 * 1024 * 1024)  # the 11 MB model name that made a 20 MB access line
+    access_line(
+        {
+            "method": "POST",
+            "path": "/v1/models/" + "p" * 5000,
+            "status": 400,
+            "latency_ms": 1.0,
+            "sub": "s" * 300,
+            "model": huge,
+            "stop_reason": "r" * 300,
+            "input_tokens": 0,
+        }
+    )
+    text = out.getvalue()
+    assert len(text) < 4 * MAX_FIELD_CHARS + 1000
+    if fmt == "json":
+        (line,) = json_lines(out)
+        for name in ("path", "sub", "model", "stop_reason"):
+            assert len(line[name]) == MAX_FIELD_CHARS and line[name].endswith("…"), name
+        assert line["input_tokens"] == 0
 
 
 def test_access_log_can_be_silenced(configure: Configure) -> None:

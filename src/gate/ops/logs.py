@@ -18,6 +18,8 @@ from typing import IO, Any, Final, Literal
 import orjson
 from opentelemetry import trace
 
+from gate.ops.bounds import MAX_FIELD_CHARS, bounded
+
 __all__ = [
     "ACCESS_LOGGER",
     "ConsoleFormatter",
@@ -308,11 +310,15 @@ def access_log(*, method: str, path: str, status: int, latency_ms: float, **fiel
 
 def access_line(fields: dict[str, Any]) -> None:
     """``access_log`` for a dict the caller built (the relay's per-request path): it starts with method, path,
-    status and latency_ms; None values are left out. The dict is consumed."""
+    status and latency_ms; None values are left out, and strings (the path, model, sub...: chosen by a client or
+    an upstream) are cut to ``MAX_FIELD_CHARS``. The dict is consumed."""
     if not ACCESS_LOGGER.isEnabledFor(logging.INFO):
         return
-    for key in [key for key, value in fields.items() if value is None]:
-        del fields[key]
+    for key, value in list(fields.items()):
+        if value is None:
+            del fields[key]
+        elif type(value) is str and len(value) > MAX_FIELD_CHARS:
+            fields[key] = bounded(value)
     message = f"{fields['method']} {fields['path']} {fields['status']} {fields['latency_ms']:.1f}ms"
     writer = _fast_access_writer()
     if writer is not None:
