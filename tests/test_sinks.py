@@ -1,4 +1,5 @@
-"""The sinks against the real things: RabbitMQ (including an outage), the Pub/Sub emulator, a JSON Lines file."""
+"""The sinks against the real things: RabbitMQ (including an outage, through a fault proxy), the Pub/Sub emulator,
+a JSON Lines file; and events those destinations refuse for good."""
 
 from __future__ import annotations
 
@@ -26,11 +27,13 @@ from tests.brokers import (
     RabbitConsumer,
     delete_exchange,
     exchange_info,
+    proxied_url,
     pubsub_emulator_host,  # noqa: F401 - a fixture
+    rabbit_proxy,  # noqa: F401 - a fixture
     rabbitmq,  # noqa: F401 - a fixture
-    rabbitmq_stopped,
     wait_until,
 )
+from tests.faultproxy import FaultProxy
 
 TYPE = "io.github.samzhu.gate.usage.v1"
 SOURCE = "/gate/messages"
@@ -77,14 +80,17 @@ def usage_settings(tmp_path: Path, **sections: Any) -> UsageSettings:
     return UsageSettings.model_validate({"outbox": outbox} | sections)
 
 
-def rabbit_settings(tmp_path: Path, exchange: str, mode: str = "structured") -> UsageSettings:
-    return usage_settings(
+def rabbit_settings(
+    tmp_path: Path, exchange: str, mode: str = "structured", url: str = RABBITMQ_URL, **outbox: Any
+) -> UsageSettings:
+    settings = usage_settings(
         tmp_path,
         publisher="rabbitmq",
         destination=exchange,
         **{"content-mode": mode},
-        rabbitmq={"url": RABBITMQ_URL, "routing-key": ROUTING_KEY, "confirm-timeout": "5s"},
+        rabbitmq={"url": url, "routing-key": ROUTING_KEY, "confirm-timeout": "5s"},
     )
+    return settings.model_copy(update={"outbox": settings.outbox.model_copy(update=outbox)})
 
 
 def unique(prefix: str) -> str:
@@ -232,12 +238,12 @@ def test_error_text_never_carries_credentials() -> None:
     assert text == "OSError: cannot reach amqp://******@broker:5672/ (******)"
 
 
-async def test_rabbitmq_outage_loses_nothing(tmp_path: Path, rabbitmq: str) -> None:  # noqa: F811
+async def test_rabbitmq_outage_loses_nothing(tmp_path: Path, rabbit_proxy: FaultProxy) -> None:  # noqa: F811
     exchange = unique("gate-test-usage")
     queue = f"{exchange}-durable"
-    before = RabbitConsumer(exchange, "#", queue=queue)  # a durable queue: it outlives the restart
+    before = RabbitConsumer(exchange, "#", queue=queue)  # a durable queue: it collects across the outage
     await before.__aenter__()
-    events = UsageEvents(rabbit_settings(tmp_path, exchange))
+    events = UsageEvents(rabbit_settings(tmp_path, exchange, url=proxied_url(rabbit_proxy)))
     await events.start()
     try:
         for n in range(100):
@@ -246,7 +252,7 @@ async def test_rabbitmq_outage_loses_nothing(tmp_path: Path, rabbitmq: str) -> N
         assert events.health()["details"]["connected"] is True  # type: ignore[index]
         await before.close()
 
-        async with rabbitmq_stopped():
+        with rabbit_proxy.outage():  # RabbitMQ gone for Gate: connections reset, the port closed
             for n in range(100, 600):
                 events.publish(record(n))
             await wait_until(lambda: events.publish_failures_total > 0, what="a failed attempt")
@@ -266,7 +272,7 @@ async def test_rabbitmq_outage_loses_nothing(tmp_path: Path, rabbitmq: str) -> N
         assert numbers == {f"msg_{n}" for n in range(100, 600)}
         ids = after.ids()
         print(
-            f"\noutage: 500 events published while RabbitMQ was stopped, {len(set(ids))} arrived, "
+            f"\noutage: 500 events published while RabbitMQ was unreachable, {len(set(ids))} arrived, "
             f"{len(ids) - len(set(ids))} duplicates, {events.publish_failures_total} failed attempts"
         )
     finally:
