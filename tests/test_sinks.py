@@ -18,7 +18,8 @@ from cloudevents.v1.http import from_http, from_json
 from pydantic import SecretStr
 
 from gate.accounting.usage import UsageRecord
-from gate.events import UsageEvents
+from gate.events import Outbox, UsageEvents, build_event, encode_event
+from gate.events.rabbitmq import RabbitMQSink
 from gate.events.sink import describe_error
 from gate.settings import UsageSettings
 from tests.brokers import (
@@ -278,6 +279,37 @@ async def test_rabbitmq_outage_loses_nothing(tmp_path: Path, rabbit_proxy: Fault
     finally:
         await events.close(timeout=5)
         await delete_exchange(exchange)
+
+
+async def test_rabbitmq_closing_the_connection_over_one_message_sets_only_that_one_aside(
+    tmp_path: Path,
+    rabbitmq: str,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Without Gate's own frame check, the broker answers a header frame over frame_max by closing the whole
+    # connection (FRAME_ERROR): every message awaiting its confirm fails with it, and only the one at fault may go.
+    monkeypatch.setattr(RabbitMQSink, "_frame_max", lambda self: 0)
+    exchange = unique("gate-test-usage")
+    event = build_event(record(99), event_type=TYPE, source=SOURCE)
+    event["subject"] = "s" * 200_000  # as a release before the bounds could write it
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
+    outbox.append([(event["id"], 0.0, encode_event(event))])
+    outbox.close()
+    async with RabbitConsumer(exchange, "#") as consumer:
+        events = UsageEvents(rabbit_settings(tmp_path, exchange, "binary", batch_size=4))
+        await events.start()
+        try:
+            for n in range(10):
+                events.publish(record(n))
+            await consumer.wait_for(10, unique=True)
+            await wait_until(lambda: events.dead_letters == 1, what="the refused event set aside")
+            # Messages routed before the close but never confirmed are sent again: at least once, same ids.
+            await wait_until(lambda: events.depth == 0, what="an empty outbox")
+            assert event["id"] not in consumer.ids()
+            assert "FRAME_ERROR" in str(events.health()["details"]["lastDeadLetter"])  # type: ignore[index]
+        finally:
+            await events.close(timeout=5)
+            await delete_exchange(exchange)
 
 
 # ------------------------------------------------------------------------------------------------ Pub/Sub

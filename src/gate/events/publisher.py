@@ -412,7 +412,6 @@ class UsageEvents:
             del self._suspects[seq]  # no longer pending (removed or set aside meanwhile)
         unproven: str | None = None
         for event in events:
-            confirmed_before = self.published_total
             result = await sink.send([event])
             if result.delivered:
                 await self._in_db(outbox.remove, result.delivered)
@@ -420,11 +419,10 @@ class UsageEvents:
                 del self._suspects[event.seq]
             elif event.seq in result.refused:
                 reason = result.refused[event.seq]
-                first_refused = self._suspects[event.seq][1]
-                if self.published_total > first_refused:  # the destination took others since: the fault is this one's
+                confirmed_before = self._suspects[event.seq][1]
+                if self.published_total > confirmed_before:  # others got through since: the fault is this one's
                     await self._set_aside(sink, outbox, event, reason)
                 else:
-                    self._suspects[event.seq] = (reason, min(first_refused, confirmed_before))
                     unproven = unproven or reason
             else:
                 return result.error or f"{sink.name}: no answer", unproven
