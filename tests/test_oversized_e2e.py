@@ -157,6 +157,7 @@ def test_an_event_too_large_for_pubsub_is_set_aside_and_the_rest_arrive(
         assert len({m.message.attributes["ce-id"] for m in received}) == 5
         assert poison not in {m.message.attributes["ce-id"] for m in received}
         asyncio.run(wait_until(lambda: health(gate)["details"]["deadLetters"] == 1, what="the dead letter in health"))
+        asyncio.run(wait_until(lambda: health(gate)["details"]["outboxDepth"] == 0, what="the delivered ones removed"))
         details = health(gate)["details"]
         assert health(gate)["status"] == "UP" and details["outboxDepth"] == 0
         assert details["lastDeadLetter"].startswith(f"{poison}: Pub/Sub: MessageTooLargeError")
@@ -207,6 +208,7 @@ async def _deliver_through_rabbitmq(
             await consumer.wait_for(5, unique=True)
             assert poison not in consumer.ids()
             await wait_until(lambda: health(gate)["details"]["deadLetters"] == 1, what="the dead letter in health")
+            await wait_until(lambda: health(gate)["details"]["outboxDepth"] == 0, what="the delivered ones removed")
             details = health(gate)["details"]
             assert details["connected"] is True and details["outboxDepth"] == 0
             assert "frame_max" in details["lastDeadLetter"]
