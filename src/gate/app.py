@@ -251,16 +251,14 @@ def _run_loop(main: Any) -> None:
 
 
 def _run_workers(settings: GateSettings) -> None:
-    """One process per worker, all bound to the port with SO_REUSEPORT; each keeps its own outbox file."""
+    """One process per worker, all bound to the port with SO_REUSEPORT; each claims its own slot of the outbox
+    path (``outbox.Outbox``), and at start adopts the files no live process holds, whatever the worker count."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     children = []
     for index in range(settings.server.workers):
-        outbox = settings.usage.outbox.model_copy(update={"path": f"{settings.usage.outbox.path}.{index}"})
-        usage = settings.usage.model_copy(update={"outbox": outbox})
-        worker_settings = settings.model_copy(update={"usage": usage})
-        child = ctx.Process(target=_worker_main, args=(worker_settings,), name=f"gate-worker-{index}")
+        child = ctx.Process(target=_worker_main, args=(settings,), name=f"gate-worker-{index}")
         child.start()
         children.append(child)
 
