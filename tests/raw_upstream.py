@@ -105,7 +105,7 @@ class _Conn(asyncio.Protocol):
         answer = self._upstream.answer(request)
         transport.write(answer)
         self._upstream.answered += 1
-        if self._upstream.close_after_answer:
+        if self._upstream.close_after_answer or len(self._upstream.requests) in self._upstream.close_after:
             transport.close()
         for later, data in self._upstream.later:
             asyncio.get_running_loop().call_later(later, self._write_later, data)
@@ -135,12 +135,14 @@ class _Conn(asyncio.Protocol):
 @dataclass
 class RawUpstream:
     """``answer`` scripts every response; ``idle_close`` closes a connection idle that long (from its last write);
-    ``later`` writes extra bytes that many seconds after each answer; ``close_after_answer`` ends each connection."""
+    ``later`` writes extra bytes that many seconds after each answer; ``close_after_answer`` ends each connection
+    after its answer, ``close_after`` only those of the requests with these numbers (counted from 1)."""
 
     answer: Answer = json_message
     idle_close: float | None = None
     later: list[tuple[float, bytes]] = field(default_factory=list)
     close_after_answer: bool = False
+    close_after: set[int] = field(default_factory=set)  # close the connection after answering these requests (1-based)
     requests: list[RawRequest] = field(default_factory=list)
     answered: int = 0
     connections: int = 0
