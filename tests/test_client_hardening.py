@@ -98,9 +98,10 @@ def _race(gate: RunningGate, upstream: RawUpstream, idle_close: float, rounds: i
 
 
 def _assert_one_event_per_answer(gate: RunningGate, upstream: RawUpstream) -> None:
-    events = events_of(gate, upstream.answered)
-    assert len(events) == upstream.answered
-    assert [event["data"]["status"] for event in events] == ["success"] * upstream.answered
+    answered = upstream.answered
+    events = events_of(gate, answered)
+    assert len(events) == answered
+    assert [event["data"]["status"] for event in events] == ["success"] * answered
 
 
 @pytest.mark.slow
