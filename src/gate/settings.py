@@ -201,6 +201,12 @@ class AnthropicApiSettings(_Section):
     keys: list[ApiKey] = []
     default_version: str = "2023-06-01"
     pool_size: int = Field(0, ge=0)  # 0: unlimited connections to upstream
+    # An idle connection is reused this long at most, so Gate lets go of it before a load balancer or proxy on the
+    # way closes it under a request (the smallest common idle limits are 5 s: Node.js, Apache, uvicorn). 0: never.
+    pool_idle_timeout: Duration = 4.0
+    # Bytes of header names and values in one upstream response head (and at most 128 fields); more is a 502.
+    # 16 KB is what Node's HTTP parser, hence Claude Code, reads by default: a larger head would not reach it.
+    max_response_header_size: Size = Field(16 * 1024, ge=1024)
     use_env_proxy: bool = True  # honour HTTPS_PROXY / NO_PROXY (corporate egress proxies)
     timeouts: TimeoutSettings = TimeoutSettings()
     key_health: KeyHealthSettings = KeyHealthSettings()

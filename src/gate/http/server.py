@@ -24,6 +24,8 @@ from typing import Any, cast
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
+from gate.http.headers import content_length, decode_fields
+
 __all__ = ["BadBody", "BodyTooLarge", "HttpServer", "Request", "Response", "Router", "StreamResponse"]
 
 log = logging.getLogger("gate.server")
@@ -124,8 +126,7 @@ class Request:
 
     @property
     def content_length(self) -> int | None:
-        value = self.headers.get(_CONTENT_LENGTH)
-        return int(value) if value is not None and value.isdigit() else None
+        return content_length(self.headers.get(_CONTENT_LENGTH))
 
     @property
     def transport(self) -> asyncio.Transport | None:
@@ -232,9 +233,7 @@ class StreamResponse:
         self._conn = conn
         self._head_only = request.method == "HEAD"
         if self.content_length is None:  # a relayed Content-Length frames the body (the head writes it once)
-            given = self.headers.get(_CONTENT_LENGTH)
-            if given is not None and given.isdigit():
-                self.content_length = int(given)
+            self.content_length = content_length(self.headers.get(_CONTENT_LENGTH))
         if self.content_length is None and self.status not in _NO_BODY_STATUSES and not self._head_only:
             self._chunked = request.version == "1.1"  # else delimited by closing: the head says so
         self.prepared = True
@@ -475,12 +474,7 @@ class _Connection(asyncio.Protocol):
         if self._failed:
             return
         parser = self._parser
-        # As aiohttp does: undecodable bytes survive as surrogates, so auth can refuse them by name.
-        headers = CIMultiDictProxy(
-            CIMultiDict(
-                [(name.decode("latin-1"), value.decode("utf-8", "surrogateescape")) for name, value in self._headers]
-            )
-        )
+        headers = decode_fields(self._headers)  # undecodable bytes survive as surrogates: auth refuses them by name
         self._headers = []
         target = self._url.decode("utf-8", "surrogateescape")
         if not target.startswith("/"):
