@@ -211,6 +211,19 @@ def test_the_header_deadline_holds_for_a_pipelined_request_while_a_handler_runs(
     assert_anthropic_error(answers.rpartition(b"\r\n\r\n")[2], "timeout_error")
 
 
+def test_the_header_deadline_outlives_the_answer_before_it() -> None:
+    """A pipelined request whose headers began while the handler before it ran keeps its header deadline when
+    that handler ends (it is not swapped for the keep-alive clock, which leaves a half request alone)."""
+    served = Served(header_timeout=1.0, hold_for=0.1)
+    try:
+        with served.connect() as sock:
+            sock.sendall(b"POST /hold HTTP/1.1\r\nHost: g\r\nContent-Length: 0\r\n\r\nGET / HTTP/1.1\r\nHost: g")
+            answers = read_until_closed(sock)
+    finally:
+        served.close()
+    assert statuses(answers) == [200, 408]
+
+
 def test_a_protocol_error_after_a_pipelined_request_is_answered_after_it(served: Served) -> None:
     with served.connect() as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: g\r\n\r\nHELLO THERE\r\n\r\n")

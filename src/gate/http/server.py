@@ -762,7 +762,8 @@ class _Connection(asyncio.Protocol):
         elif self._queue:
             self._next()  # the next pipelined request, or the answer to a protocol error after it
         else:
-            self._start_clock(_IDLE)
+            if not self._in_request:  # else the next request's headers are arriving, under their own deadline
+                self._start_clock(_IDLE)
             self._resume_parsing()
 
     # ------------------------------------------------------------------------------------------- writing
