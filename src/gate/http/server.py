@@ -542,6 +542,9 @@ class _Connection(asyncio.Protocol):
         """Feeds ``data`` to the parser a slice at a time while it is wanted; holds the rest."""
         self._feeding = True
         try:
+            if len(data) <= _SLICE and self._may_parse():  # the common case: one read, wanted whole
+                self._feed(data)
+                return
             view = memoryview(data)
             offset = 0
             while offset < len(data):
@@ -555,9 +558,9 @@ class _Connection(asyncio.Protocol):
                     break
         finally:
             self._feeding = False
-        self._steer_reading()
+            self._steer_reading()
 
-    def _feed(self, piece: memoryview) -> bool:
+    def _feed(self, piece: bytes | memoryview) -> bool:
         """One slice through the parser; False when parsing ended (a protocol error, an upgrade)."""
         try:
             self._parser.feed_data(piece)
