@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gate.http.deadlines import Deadlines
@@ -191,6 +191,43 @@ def test_a_chunked_body_larger_than_one_read_is_read_whole(served: Served) -> No
         sock.sendall(b"POST /echo HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked)
         status, _, body = read_response(sock)
     assert status == 200 and json.loads(body) == {"length": sum(map(len, parts))}
+
+
+_pipelined = st.lists(
+    st.tuples(st.integers(0, 200_000), st.booleans()),  # body size, chunked or not
+    min_size=1,
+    max_size=4,
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(requests=_pipelined, cuts=st.lists(st.integers(1, 100_000), max_size=12))
+def test_pipelined_bodies_cut_anywhere_are_each_answered_in_order(
+    served: Served, requests: list[tuple[int, bool]], cuts: list[int]
+) -> None:
+    """Whatever the reads look like, each body reaches its own handler whole, in order, and nothing is left held."""
+    stream = b""
+    for size, chunked in requests:
+        body = b"q" * size
+        if chunked:
+            framed = (b"%x\r\n%b\r\n" % (size, body) if size else b"") + b"0\r\n\r\n"
+            stream += b"POST /echo HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked\r\n\r\n" + framed
+        else:
+            stream += b"POST /echo HTTP/1.1\r\nHost: g\r\nContent-Length: %d\r\n\r\n%b" % (size, body)
+    stream += b"GET / HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n"
+    served.echoed.clear()
+    with served.connect() as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        offset = 0
+        for cut in [*cuts, len(stream)]:
+            sock.sendall(stream[offset : offset + cut])
+            offset += cut
+            if offset >= len(stream):
+                break
+        answers = read_until_closed(sock)
+    assert statuses(answers) == [200] * (len(requests) + 1)
+    assert served.echoed == [size for size, _ in requests]
+    assert served.buffered() == 0
 
 
 # ------------------------------------------------------------------------------------------------ deadlines
