@@ -306,6 +306,24 @@ async def test_a_deadline_without_a_callback_cancels_its_task_and_says_so() -> N
     deadlines.close()
 
 
+async def test_a_deadline_re_armed_by_its_own_callback_fires_again_on_the_one_timer() -> None:
+    deadlines = Deadlines(0.01)
+    fired: list[int] = []
+    done = asyncio.Event()
+
+    def again() -> None:
+        fired.append(len(fired))
+        if len(fired) < 3:
+            deadline.restart()
+        else:
+            done.set()
+
+    deadline = deadlines.watch(0.02, again)
+    await asyncio.wait_for(done.wait(), WAIT)
+    assert fired == [0, 1, 2] and len(deadlines) == 0
+    deadlines.close()
+
+
 async def test_a_failing_expiry_callback_does_not_stop_the_sweep() -> None:
     deadlines = Deadlines(0.01)
     fired: list[str] = []

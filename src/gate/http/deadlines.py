@@ -67,6 +67,7 @@ class Deadlines:
     def _sweep(self) -> None:
         loop = self._loop
         assert loop is not None
+        self._handle = None  # a callback below that arms a deadline may schedule the next sweep itself
         now = loop.time()
         for deadline in [d for d in self._watching if now >= d.due]:
             self._watching.discard(deadline)
@@ -74,7 +75,8 @@ class Deadlines:
                 deadline.expire()
             except Exception:  # one owner's bug must not stop every other deadline
                 log.exception("a deadline's expiry callback failed")
-        self._handle = loop.call_later(self.resolution, self._sweep) if self._watching else None
+        if self._handle is None and self._watching:
+            self._handle = loop.call_later(self.resolution, self._sweep)
 
 
 class Deadline:
