@@ -157,6 +157,25 @@ def test_pipelined_bodies_behind_a_running_handler_stay_on_the_socket(served: Se
     assert status == 200 and json.loads(answer) == {"held": True}
 
 
+def test_a_burst_of_tiny_pipelined_requests_is_not_parsed_ahead_of_the_handler(served: Served) -> None:
+    """5,000 pipelined GETs behind a held request: only those within one small slice are parsed and queued
+    (each parsed request costs far more memory than its 27 bytes); all are answered in order once released."""
+    tiny = b"GET / HTTP/1.1\r\nHost: g\r\n\r\n"
+    with served.connect() as sock:
+        sock.sendall(b"POST /hold HTTP/1.1\r\nHost: g\r\nContent-Length: 0\r\n\r\n" + tiny * 5000)
+        queued = 0
+        for _ in range(200):  # wait (bounded) until the server has parsed what it will
+            queued = served.bg.call(lambda: sum(conn.queued for conn in served.server.connections))
+            if queued:
+                break
+            time.sleep(0.01)
+        assert 0 < queued <= 8192 // len(tiny) + 1
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n")
+        served.bg.call(served.release.set)
+        answers = read_until_closed(sock)
+    assert statuses(answers) == [200] * 5002
+
+
 def test_a_handler_that_never_reads_its_large_body_does_not_get_it_buffered(served: Served) -> None:
     body = b"y" * (2 * 1024 * 1024)
     with served.connect() as sock:

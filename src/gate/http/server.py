@@ -40,7 +40,10 @@ _EXPECT = istr("expect")
 _TRANSFER_ENCODING = istr("transfer-encoding")
 _FRAMING = frozenset({"content-length", "transfer-encoding", "connection"})
 _MAX_HEADERS = 128  # as aiohttp: real clients send a few dozen
-_SLICE = 64 * 1024  # bytes parsed at a time, so that parsing stops near where flow control wants it to
+# Bytes parsed at a time, so that parsing stops near where flow control wants it to: a body in 64 KiB slices, the
+# bytes from a request's start in 8 KiB ones (a slice of tiny pipelined requests becomes that many queued objects).
+_SLICE = 64 * 1024
+_HEAD_SLICE = 8 * 1024
 _READ_AHEAD = 64 * 1024  # body bytes kept for a running handler before it asks for them (uvicorn pauses at 64 KiB)
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -527,6 +530,11 @@ class _Connection(asyncio.Protocol):
         requests = {id(r): r for r in (self._current, self._parsing, *self._queue) if isinstance(r, Request)}
         return len(self._held) + sum(request.buffered for request in requests.values())
 
+    @property
+    def queued(self) -> int:
+        """Parsed requests waiting for their turn behind the running one."""
+        return len(self._queue)
+
     def _may_parse(self) -> bool:
         """Whether the parser may take more bytes now (see the class docstring)."""
         if self._failed or self.transport is None or (self.must_close and self._parsing is None):
@@ -542,7 +550,7 @@ class _Connection(asyncio.Protocol):
         """Feeds ``data`` to the parser a slice at a time while it is wanted; holds the rest."""
         self._feeding = True
         try:
-            if len(data) <= _SLICE and self._may_parse():  # the common case: one read, wanted whole
+            if len(data) <= _HEAD_SLICE and self._may_parse():  # the common case: one read, wanted whole
                 self._feed(data)
                 return
             view = memoryview(data)
@@ -552,7 +560,7 @@ class _Connection(asyncio.Protocol):
                     if not (self.must_close and self._parsing is None):
                         self._held = data[offset:] if offset else data
                     break
-                piece = view[offset : offset + _SLICE]
+                piece = view[offset : offset + (_HEAD_SLICE if self._parsing is None else _SLICE)]
                 offset += len(piece)
                 if not self._feed(piece):
                     break
