@@ -318,6 +318,8 @@ class _Workers:
 
         settings = self._settings
         reports = []
+        signal.signal(signal.SIGTERM, self._forward)  # before the first child: none is left behind
+        signal.signal(signal.SIGINT, self._forward)
         for index in range(settings.server.workers):
             receive, send = self._ctx.Pipe(duplex=False)
             child = self._ctx.Process(
@@ -327,8 +329,6 @@ class _Workers:
             send.close()
             self._children.append(child)
             reports.append(receive)
-        signal.signal(signal.SIGTERM, self._forward)
-        signal.signal(signal.SIGINT, self._forward)
 
         management: dict[int, int | None] = {}
         failure: str | None = None
@@ -339,7 +339,8 @@ class _Workers:
                 if receive in ready:
                     try:
                         kind, detail = receive.recv()
-                    except EOFError:  # exited without a word: the sentinel below says how
+                    except EOFError:  # exited without a word (killed, or a crash it could not report)
+                        self._children[index].join()
                         kind, detail = "gone", None
                     if kind == "ready":
                         management[index] = detail[1]
