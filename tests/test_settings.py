@@ -577,3 +577,16 @@ def test_a_config_error_carries_what_was_merged(tmp_path: Path) -> None:
 def test_tokens_must_carry_exp_unless_switched_off(tmp_path: Path) -> None:
     assert load(tmp_path).security.jwt.require_exp is True
     assert load(tmp_path, env={"SECURITY_JWT_REQUIREEXP": "false"}).security.jwt.require_exp is False
+
+
+@pytest.mark.parametrize("url", ["localhost:5672", "http://mq:5672/", "amqp://mq:port/", "amqp:///vhost"])
+def test_the_rabbitmq_sink_refuses_a_url_it_cannot_use(url: str) -> None:
+    """Built around load_settings (tests, embedders): a configuration error at once, not a traceback per retry."""
+    from pydantic import SecretStr
+
+    from gate.events.rabbitmq import RabbitMQSink
+
+    usage = GateSettings().usage
+    usage = usage.model_copy(update={"rabbitmq": usage.rabbitmq.model_copy(update={"url": SecretStr(url)})})
+    with pytest.raises(ConfigError, match=r"^usage\.rabbitmq\.url: not an? "):
+        RabbitMQSink(usage)
