@@ -3,7 +3,9 @@
 Every leaf can be overridden from the environment in Spring Boot's relaxed form (upper case, dots and list
 brackets become ``_``, dashes dropped: ``anthropic.api.keys[0].value`` is ``ANTHROPIC_API_KEYS_0_VALUE``) or by
 its literal property name. ``NAME_FILE`` reads the value from a file (Kubernetes secret mounts), as does a
-``${file:/path}`` placeholder in YAML. Errors name the key and the file or variable it came from.
+``${file:/path}`` placeholder in YAML. Placeholders are expanded in YAML only: a value from the environment or a
+secret file is used as it is. Errors (unknown keys, wrong types, URLs and durations Gate cannot use) name the key
+and the file or variable it came from.
 """
 
 from __future__ import annotations
