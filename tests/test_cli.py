@@ -10,12 +10,17 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gate import __version__
+from gate.cli import render_config
+from gate.settings import ConfigSources
 
 ROOT = Path(__file__).resolve().parents[1]
 GATE = [str(ROOT / ".venv" / "bin" / "gate")]
@@ -402,3 +407,20 @@ def test_workers_stop_cleanly_on_sigterm(tmp_path: Path, served: list[Served]) -
     assert gate.process.wait(60) == 0, gate.output
     gate._reader.join(5)
     assert gate.output.count("stopped") == 2 and "Traceback" not in gate.output
+
+
+# ---------------------------------------------------------------------------------------------- render_config
+
+_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
+_names = st.text(min_size=1)
+_sections = st.recursive(
+    st.dictionaries(_names, _scalars | st.lists(_scalars), max_size=4),
+    lambda inner: st.dictionaries(_names, inner | st.lists(inner.filter(bool), max_size=3), max_size=4),
+    max_leaves=20,
+)
+
+
+@given(_sections)
+def test_gate_configs_commented_yaml_loads_back_as_the_data(data: dict[str, Any]) -> None:
+    text = render_config(data, ConfigSources(data, {}))
+    assert yaml.safe_load(text) == (data or None)

@@ -113,8 +113,28 @@ def _yaml_lines(data: Mapping[str, Any], path: KeyPath, indent: str, sources: Co
 
 def _scalar(value: Any) -> str:
     """One value in YAML flow style, on one line."""
+    if isinstance(value, list):  # strings in a flow list are always quoted: `,`, `]` and `[` end them otherwise
+        items = (_double_quoted(item) if isinstance(item, str) else _scalar(item) for item in value)
+        return f"[{', '.join(items)}]"
+    if isinstance(value, str) and not value.isprintable():
+        return _double_quoted(value)  # PyYAML would fold a line break onto the next line
     text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30, allow_unicode=True).strip()
     return text.removesuffix("\n...").removesuffix("...").strip()
+
+
+def _double_quoted(text: str) -> str:
+    """A YAML double-quoted scalar with every unprintable character escaped (YAML 1.1's \\x, \\u, \\U)."""
+    out = ['"']
+    for char in text:
+        code = ord(char)
+        if char in '\\"':
+            out.append("\\" + char)
+        elif char.isprintable():
+            out.append(char)
+        else:
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    out.append('"')
+    return "".join(out)
 
 
 def _serve(args: argparse.Namespace) -> int:
