@@ -65,6 +65,7 @@ class _Call:
     stream: bool = False
     model: str | None = None
     sub: str | None = None
+    groups: list[str] | None = None
     session_id: str | None = None
     key_alias: str | None = None
     upstream_wait: float = 0.0
@@ -185,6 +186,7 @@ class Relay:
             self._telemetry.on_auth_failure(exc.reason)
             return error_response(401, exc.message, headers={"WWW-Authenticate": www_authenticate(exc)})
         call.sub = identity.sub
+        call.groups = sorted(identity.groups) or None
         body: bytes | None = None
         if request.method == "POST":
             body_or_error = await self._read_body(request)
@@ -547,6 +549,7 @@ class Relay:
             web_fetch_requests=meter.web_fetch_requests if meter else None,
             service_tier=meter.service_tier if meter else None,
             claude_code_session_id=call.session_id,
+            groups=call.groups,
             event_id="",  # the outbox gives it an id, in batches, as it stores it (stable from then on)
             time=rfc3339_millis(now),
         )

@@ -387,6 +387,61 @@ class PricesSettings(_Section):
         return models
 
 
+class SinkRabbitMQSettings(_Section):
+    url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    queue: str = Field("gate-usage-sink", min_length=1)  # durable, bound to usage.destination
+    binding_key: str = "#"
+    prefetch: int = Field(500, ge=1, le=65535)  # unacknowledged messages in flight: a batch at most this big
+
+
+class SinkPubSubSettings(_Section):
+    project_id: str = "gate-local"
+    subscription: str = Field("gate-usage-sink", min_length=1)  # created on usage.destination if missing
+    emulator_host: str | None = None  # else PUBSUB_EMULATOR_HOST, else Google's endpoint
+    max_messages: int = Field(500, ge=1)  # flow control: messages held unacknowledged at most
+
+
+class SinkDatabaseSettings(_Section):
+    url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/gate")
+    schema_name: str = Field("public", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+    migrate: bool = True  # apply the schema migrations at start (else: `gate usage-sink --migrate-only` first)
+    connect_timeout: Duration = 10.0
+
+
+class SinkBigQuerySettings(_Section):
+    project_id: str | None = None  # None: the credentials' project
+    dataset: str = "gate"
+    table: str = "usage_events"
+    create_table: bool = False  # create the partitioned, clustered table if missing
+
+
+class SinkReportSettings(_Section):
+    enabled: bool = True
+    admin_group: str = Field("gate-admins", min_length=1)  # only callers in this group see the report
+
+
+class SinkServerSettings(_Section):
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(8081, ge=0, le=65535)
+
+
+class UsageSinkSettings(_Section):
+    """``gate usage-sink``: usage events from the broker into PostgreSQL (and BigQuery), and the usage report."""
+
+    source: Literal["rabbitmq", "pubsub"] = "rabbitmq"
+    targets: list[Literal["postgresql", "bigquery"]] = Field(["postgresql"], min_length=1)
+    batch_size: int = Field(200, ge=1)
+    batch_linger: Duration = 0.05  # a batch is written when full or this long after its first event
+    retry_initial: Duration = 0.5
+    retry_max: Duration = 30.0
+    rabbitmq: SinkRabbitMQSettings = SinkRabbitMQSettings()
+    pubsub: SinkPubSubSettings = SinkPubSubSettings()
+    database: SinkDatabaseSettings = SinkDatabaseSettings()
+    bigquery: SinkBigQuerySettings = SinkBigQuerySettings()
+    report: SinkReportSettings = SinkReportSettings()
+    server: SinkServerSettings = SinkServerSettings()
+
+
 class GateSettings(_Section):
     """The whole configuration. ``profiles`` and ``sources`` are filled in by the loader."""
 
@@ -397,6 +452,7 @@ class GateSettings(_Section):
     resilience: ResilienceSettings = ResilienceSettings()
     usage: UsageSettings = UsageSettings()
     prices: PricesSettings = PricesSettings()
+    usage_sink: UsageSinkSettings = UsageSinkSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
     profiles: tuple[str, ...] = ("local",)
     sources: tuple[str, ...] = ()
