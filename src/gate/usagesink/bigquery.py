@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from decimal import Decimal
 from typing import Any
 
+from gate.accounting.prices import format_usd
 from gate.settings import SinkBigQuerySettings
 from gate.usagesink.rows import UsageRow
 
@@ -45,7 +45,7 @@ SCHEMA: tuple[tuple[str, str, str, str], ...] = (
     ("total_tokens", "INT64", "REQUIRED", "input + output + cache writes + cache reads"),
     ("web_search_requests", "INT64", "NULLABLE", "server-side web searches"),
     ("web_fetch_requests", "INT64", "NULLABLE", "server-side web fetches"),
-    ("cost", "NUMERIC", "NULLABLE", "USD by Gate's price table; null when the model has no price"),
+    ("cost", "BIGNUMERIC", "NULLABLE", "USD by Gate's price table; null when the model has no price"),
     ("price_version", "STRING", "NULLABLE", "the price version that priced the call"),
     ("latency_ms", "INT64", "NULLABLE", "from the request reaching Gate to its last byte out"),
     ("time_to_first_token_ms", "INT64", "NULLABLE", "streams: to the first content delta"),
@@ -68,8 +68,6 @@ WHERE TRUE
 QUALIFY ROW_NUMBER() OVER (PARTITION BY event_id ORDER BY event_time) = 1
 """
 
-_NUMERIC_SCALE = Decimal("0.000000001")  # NUMERIC keeps 9 decimal places
-
 
 class BigQueryUnavailable(Exception):
     """The rows were not all accepted: the batch is to be sent again (insertId makes that safe)."""
@@ -77,7 +75,7 @@ class BigQueryUnavailable(Exception):
 
 def json_row(row: UsageRow) -> dict[str, Any]:
     """The row as insertAll's ``json`` object (timestamps in RFC 3339, cost as an exact decimal string)."""
-    cost = None if row.cost is None else format(row.cost.quantize(_NUMERIC_SCALE).normalize(), "f")
+    cost = None if row.cost is None else format_usd(row.cost)
     out: dict[str, Any] = {}
     for name, _type, _mode, _ in SCHEMA:
         value = getattr(row, name)

@@ -140,9 +140,9 @@ class UsageSink:
         writer, consumer = self._tasks
         consumer.cancel()
         await asyncio.gather(consumer, return_exceptions=True)
-        await self._queue.put(_STOP)
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(grace):
+            async with asyncio.timeout(grace):  # the queue may be full behind a database that is down
+                await self._queue.put(_STOP)
                 await asyncio.shield(writer)
         writer.cancel()
         await asyncio.gather(writer, return_exceptions=True)

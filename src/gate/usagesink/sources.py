@@ -102,11 +102,13 @@ class RabbitMQSource:
         self._prefetch = sink.rabbitmq.prefetch
         self._backoff = Backoff(sink.retry_initial, sink.retry_max)
         self._connection: aiormq.abc.AbstractConnection | None = None
+        self._consuming = False
         self.last_error: str | None = None
 
     @property
     def connected(self) -> bool:
-        return self._connection is not None and not self._connection.is_closed
+        """Consuming: connected, the queue declared and bound, the consumer registered."""
+        return self._consuming and self._connection is not None and not self._connection.is_closed
 
     async def run(self, deliver: Deliver) -> None:
         while True:
@@ -133,6 +135,7 @@ class RabbitMQSource:
             await deliver(self._delivery(message))
 
         await channel.basic_consume(self._queue, on_message, no_ack=False)
+        self._consuming = True
         if self.last_error is not None:
             log.info("consuming usage events from RabbitMQ queue %s again", self._queue)
         self.last_error = None
@@ -166,6 +169,7 @@ class RabbitMQSource:
         return Delivery(event, None, ack, reject)
 
     async def close(self) -> None:
+        self._consuming = False
         connection, self._connection = self._connection, None
         if connection is not None and not connection.is_closed:
             with contextlib.suppress(*_AMQP_ERRORS):
