@@ -2,7 +2,7 @@
 <html lang="en">
 <head>
 <meta charset="utf-8">
-<title>Gate usage ${filters.start.isoformat()} to ${filters.end.isoformat()}</title>
+<title>Gate usage ${chosen.start.isoformat()} to ${chosen.end.isoformat()}</title>
 <style>
   body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 1.5rem; color: #1d2433; }
   h1 { font-size: 1.4rem; margin: 0 0 1rem; }
@@ -16,11 +16,15 @@
   .card { border: 1px solid #d8dde8; border-radius: 6px; padding: 0.6rem 0.9rem; min-width: 9rem; }
   .card .label { font-size: 0.75rem; color: #5b6477; }
   .card .value { font-size: 1.25rem; font-weight: 600; }
-  table { border-collapse: collapse; font-size: 0.85rem; }
-  th, td { border-bottom: 1px solid #e3e6ee; padding: 0.25rem 0.7rem; text-align: right; }
+  table { border-collapse: collapse; font-size: 0.85rem; width: 100%; }
+  .table-wrap { overflow-x: auto; }
+  td:first-child { white-space: nowrap; }
+  th, td { border-bottom: 1px solid #e3e6ee; padding: 0.25rem 0.45rem; text-align: right; }
   th:first-child, td:first-child { text-align: left; }
   th { background: #f3f5f9; }
-  .grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(26rem, 1fr)); gap: 1rem 2rem; }
+  .grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(40rem, 1fr)); gap: 1rem 2rem; }
+  .grid > div { min-width: 0; }
+  #by-model-section { grid-column: 1 / -1; }  /* model ids are long: the whole width */
   .chart { width: 100%; height: 320px; }
   .muted { color: #5b6477; font-size: 0.8rem; }
 </style>
@@ -28,21 +32,21 @@
 <body>
 <h1>Gate usage</h1>
 <form id="filters" method="get" action="/report">
-  <label>From <input type="date" name="from" id="from" value="${filters.start.isoformat()}"></label>
-  <label>To <input type="date" name="to" id="to" value="${filters.end.isoformat()}"></label>
+  <label>From <input type="date" name="from" id="from" value="${chosen.start.isoformat()}"></label>
+  <label>To <input type="date" name="to" id="to" value="${chosen.end.isoformat()}"></label>
   <label>User <select name="user" id="user"><option value="">all users</option>
   % for value in choices["user"]:
-    <option value="${value}" ${'selected' if value == filters.user else ''}>${value}</option>
+    <option value="${value}" ${'selected' if value == chosen.user else ''}>${value}</option>
   % endfor
   </select></label>
   <label>Group <select name="group" id="group"><option value="">all groups</option>
   % for value in choices["group"]:
-    <option value="${value}" ${'selected' if value == filters.group else ''}>${value}</option>
+    <option value="${value}" ${'selected' if value == chosen.group else ''}>${value}</option>
   % endfor
   </select></label>
   <label>Model <select name="model" id="model"><option value="">all models</option>
   % for value in choices["model"]:
-    <option value="${value}" ${'selected' if value == filters.model else ''}>${value}</option>
+    <option value="${value}" ${'selected' if value == chosen.model else ''}>${value}</option>
   % endfor
   </select></label>
   <button type="submit" id="apply">Apply</button>
@@ -70,9 +74,9 @@
 
 <div class="grid">
 <%def name="breakdown(title, anchor, rows, label)">
-  <div><h2>${title}</h2>
+  <div id="${anchor}-section"><h2>${title}</h2><div class="table-wrap">
   <table id="${anchor}"><thead><tr><th>${label}</th><th>Requests</th><th>Input</th><th>Output</th><th>Cache writes</th>
-  <th>Cache reads</th><th>Cache hit share</th><th>Cost (USD)</th></tr></thead><tbody>
+  <th>Cache reads</th><th>Hit share</th><th>Cost (USD)</th></tr></thead><tbody>
   % for row in rows:
     <tr><td>${row["key"]}</td><td>${row["requests"]}</td><td>${row["input_tokens"]}</td><td>${row["output_tokens"]}</td>
     <td>${row["cache_write_tokens"]}</td><td>${row["cache_read_tokens"]}</td><td>${percent(row)}</td>
@@ -81,12 +85,12 @@
   % if not rows:
     <tr><td colspan="8" class="muted">no calls in this period</td></tr>
   % endif
-  </tbody></table></div>
+  </tbody></table></div></div>
 </%def>
 ${breakdown("By user", "by-user", by_user, "User")}
 ${breakdown("By group", "by-group", by_group, "Group")}
 ${breakdown("By model", "by-model", by_model, "Model")}
-  <div><h2>Top sessions</h2>
+  <div><h2>Top sessions</h2><div class="table-wrap">
   <table id="sessions"><thead><tr><th>Claude Code session</th><th>User</th><th>Requests</th><th>Tokens</th>
   <th>Cost (USD)</th><th>Last call (UTC)</th></tr></thead><tbody>
   % for row in sessions:
@@ -96,7 +100,7 @@ ${breakdown("By model", "by-model", by_model, "Model")}
   % if not sessions:
     <tr><td colspan="6" class="muted">no Claude Code sessions in this period</td></tr>
   % endif
-  </tbody></table>
+  </tbody></table></div>
   <h2>Errors by type</h2>
   <table id="errors"><thead><tr><th>Error type</th><th>Calls</th></tr></thead><tbody>
   % for row in errors:

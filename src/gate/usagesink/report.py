@@ -279,7 +279,7 @@ class Report:
             "model_cost": [float(row["cost"]) for row in results["by_model"]],
         }
         return {
-            "filters": filters,
+            "chosen": filters,
             "query": filters.query_string(),
             "totals": totals,
             "hit_share": _percent(cache_hit_share(totals)),
