@@ -21,7 +21,7 @@ from gate.events.envelope import to_binary
 from gate.usagesink.postgres import PostgresStore, migrate
 from gate.usagesink.rows import BadEvent, from_amqp, from_pubsub, row_from_event
 from gate.usagesink.service import UsageSink
-from tests.brokers import rabbitmq  # noqa: F401 - a fixture
+from tests.brokers import pubsub_emulator_host, rabbitmq  # noqa: F401 - fixtures
 from tests.faultproxy import FaultProxy
 from tests.sinksupport import (
     AMQP_PORT,
@@ -299,3 +299,57 @@ async def test_the_sink_starts_while_the_database_is_down_and_migrates_when_it_c
     await publish(rig.exchange, [event_bytes(record())])
     await until(lambda: rig.count() == 1, "the row")
     assert sink.health()["status"] == "UP"
+
+
+# --------------------------------------------------------------------------------------------- Pub/Sub
+
+
+async def test_pubsub_binary_and_structured_events_each_make_one_row(
+    tmp_path: Path,
+    pg_database: str,  # noqa: F811
+    pubsub_emulator_host: str,  # noqa: F811
+) -> None:
+    from google.cloud import pubsub_v1
+
+    project, topic_name, schema = "gate-sink-test", unique("usage-t"), unique("ps")
+    publisher = pubsub_v1.PublisherClient()
+    topic = publisher.topic_path(project, topic_name)
+    publisher.create_topic(name=topic)
+    settings = sink_settings(
+        tmp_path,
+        database=pg_database,
+        schema=schema,
+        exchange=topic_name,
+        queue="unused",
+        **{
+            "usage-sink": {
+                "source": "pubsub",
+                "pubsub": {
+                    "project-id": project,
+                    "subscription": unique("usage-s"),
+                    "emulator-host": pubsub_emulator_host,
+                },
+            }
+        },
+    )
+    sink = UsageSink(settings)
+    await sink.start()
+    try:
+        await until(lambda: sink.source.connected, "the subscription")
+        table = prices()
+        bodies = [event_bytes(record(subject=f"p{i}"), table) for i in range(6)]
+        for i, body in enumerate(bodies):
+            if i % 2:
+                parts = to_binary(body)
+                attributes = {f"ce-{k}": v for k, v in parts.attributes.items()} | {"Content-Type": parts.content_type}
+                publisher.publish(topic, parts.data, **attributes).result(timeout=30)
+            else:
+                publisher.publish(topic, body, **{"Content-Type": "application/cloudevents+json"}).result(timeout=30)
+        publisher.publish(topic, bodies[0], **{"Content-Type": "application/cloudevents+json"}).result(timeout=30)
+        await until(lambda: len(rows(pg_database, schema)) == 6, "6 rows from Pub/Sub")
+        await until(lambda: sink.metrics.duplicates._value.get() == 1, "the republished event seen as a duplicate")
+        assert {r[1] for r in rows(pg_database, schema)} == {f"p{i}" for i in range(6)}
+        await until(lambda: sink.metrics.acked._value.get() == 7, "every message acknowledged")
+    finally:
+        await sink.stop(grace=1.0)
+        publisher.stop()

@@ -35,6 +35,7 @@ __all__ = ["Filters", "Report"]
 
 _DEFAULT_DAYS = 30
 _MAX_DAYS = 3660
+_MAX_VALUE = 512  # a user id, group or model name; PostgreSQL refuses NUL, so control characters are refused here
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ class Filters:
     def from_query(cls, query: str, today: datetime.date) -> Filters:
         """From ``?from=YYYY-MM-DD&to=...&user=...&group=...&model=...``; ``ValueError`` names a bad value."""
         params = {k: v[-1].strip() for k, v in parse_qs(query, keep_blank_values=True).items() if v}
+        for name, value in params.items():
+            if len(value) > _MAX_VALUE or any(ord(c) < 0x20 for c in value):
+                raise ValueError(f"`{name[:40]}` is longer than {_MAX_VALUE} characters or holds control characters")
         end = _date(params.get("to"), "to") or today
         start = _date(params.get("from"), "from") or end - datetime.timedelta(days=_DEFAULT_DAYS - 1)
         if start > end:
