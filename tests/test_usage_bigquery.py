@@ -130,3 +130,17 @@ def test_cost_is_sent_exactly() -> None:
     [row] = rows_of(record())
     assert json_row(dataclasses.replace(row, cost=Decimal("0.00000000015")))["cost"] == "0.00000000015"
     assert json_row(dataclasses.replace(row, cost=None))["cost"] is None
+
+
+def test_the_documented_schema_is_the_code() -> None:
+    page = (Path(__file__).parent.parent / "docs" / "usage-bigquery.md").read_text(encoding="utf-8")
+    documented = [
+        tuple(cell.strip().strip("`") for cell in line.strip("|").split("|"))
+        for line in page.splitlines()
+        if line.startswith("| `")
+    ]
+    assert documented == [tuple(column) for column in SCHEMA]
+    ddl = page.partition("CREATE TABLE")[2].partition("PARTITION BY")[0]
+    for name, kind, mode, _ in SCHEMA:
+        expected = {"REPEATED": f"ARRAY<{kind}>", "REQUIRED": f"{kind} NOT NULL"}.get(mode, kind)
+        assert f"{name if name != 'groups' else '`groups`'} {expected}" in ddl, name

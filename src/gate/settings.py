@@ -414,6 +414,11 @@ class SinkBigQuerySettings(_Section):
     table: str = "usage_events"
     create_table: bool = False  # create the partitioned, clustered table if missing
 
+    @field_validator("project_id", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
 
 class SinkReportSettings(_Section):
     enabled: bool = True

@@ -31,7 +31,7 @@ SCHEMA: tuple[tuple[str, str, str, str], ...] = (
     ("groups", "STRING", "REPEATED", "the caller's groups from the configured JWT claim"),
     ("model", "STRING", "NULLABLE", "the model Anthropic answered with (clustering column)"),
     ("message_id", "STRING", "NULLABLE", "Anthropic's message id"),
-    ("status", "STRING", "NULLABLE", "success | error | client_disconnected"),
+    ("status", "STRING", "NULLABLE", "success, error or client_disconnected"),
     ("error_type", "STRING", "NULLABLE", "Anthropic's error type, when the call failed"),
     ("http_status", "INT64", "NULLABLE", "upstream's HTTP status"),
     ("stream", "BOOL", "NULLABLE", "whether the client asked for a stream"),
