@@ -353,3 +353,21 @@ async def test_pubsub_binary_and_structured_events_each_make_one_row(
     finally:
         await sink.stop(grace=1.0)
         publisher.stop()
+
+
+def test_gate_usage_sink_migrate_only_from_the_command_line(tmp_path: Path, pg_database: str) -> None:  # noqa: F811
+    from gate.cli import main
+
+    schema = unique("cli")
+    config = tmp_path / "sink.yaml"
+    config.write_text(
+        "usage-sink:\n"
+        "  database:\n"
+        f"    url: postgresql://postgres@127.0.0.1:{PG_PORT}/{pg_database}\n"
+        f"    schema-name: {schema}\n"
+        "security:\n  jwt:\n    dev:\n"
+        f"      data-dir: {tmp_path / 'dev'}\n",
+        encoding="utf-8",
+    )
+    assert main(["usage-sink", "--migrate-only", "--config", str(config)]) == 0
+    assert rows(pg_database, schema) == []  # the table exists, empty
