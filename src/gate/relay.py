@@ -77,6 +77,7 @@ class _Exchange:
     stream: bool = False
     model: str | None = None
     sub: str | None = None
+    groups: list[str] | None = None
     session_id: str | None = None
     key_alias: str | None = None
     upstream_wait: float = 0.0
@@ -254,6 +255,7 @@ class Relay:
             self._telemetry.on_auth_failure(exc.reason)
             return error_response(401, exc.message, headers={"WWW-Authenticate": www_authenticate(exc)})
         exchange.sub = identity.sub
+        exchange.groups = sorted(identity.groups) or None
         body: bytes | None = None
         if request.method == "POST":
             body_or_error = await self._read_body(request)
@@ -605,6 +607,7 @@ class Relay:
             web_fetch_requests=meter.web_fetch_requests if meter else None,
             service_tier=meter.service_tier if meter else None,
             claude_code_session_id=exchange.session_id,
+            groups=exchange.groups,
             event_id="",  # the outbox gives it an id, in batches, as it stores it (stable from then on)
             time=rfc3339_millis(now),
         )

@@ -11,11 +11,13 @@ and the file or variable it came from.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import itertools
 import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -116,10 +118,39 @@ def _at_least(minimum: float, why: str) -> AfterValidator:
     return AfterValidator(check)
 
 
+def parse_usd(value: Any) -> Decimal:
+    """An exact, non-negative amount of USD: ``"0.30"``, ``3`` or ``0.3`` (a YAML float is read by its text)."""
+    if isinstance(value, bool):
+        raise ValueError("an amount of USD, such as 3.75")
+    try:
+        amount = Decimal(str(value).strip()) if isinstance(value, int | float | str) else Decimal(value)
+    except (InvalidOperation, TypeError, ValueError):
+        raise ValueError(f"not an amount of USD: {value!r}") from None
+    if not amount.is_finite() or amount < 0:
+        raise ValueError("an amount of USD must be a finite, non-negative number")
+    return amount
+
+
+def parse_instant(value: Any) -> datetime.datetime:
+    """A point in time: a date (midnight UTC) or an ISO 8601 date-time (UTC unless it names its offset)."""
+    if isinstance(value, str):
+        try:
+            value = datetime.datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise ValueError(f"not a date or ISO 8601 date-time: {value!r}") from None
+    if isinstance(value, datetime.datetime):
+        return value if value.tzinfo is not None else value.replace(tzinfo=datetime.UTC)
+    if isinstance(value, datetime.date):
+        return datetime.datetime(value.year, value.month, value.day, tzinfo=datetime.UTC)
+    raise ValueError(f"not a date or ISO 8601 date-time: {value!r}")
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 # Positive: a zero timeout or interval fails every request (stream-idle: 0 cuts every stream) or spins a loop.
 PositiveDuration = Annotated[float, BeforeValidator(parse_duration), _at_least(0, "0 would expire at once")]
 Size = Annotated[int, BeforeValidator(parse_size)]
+Usd = Annotated[Decimal, BeforeValidator(parse_usd)]
+Instant = Annotated[datetime.datetime, BeforeValidator(parse_instant)]
 
 
 def _http_url_problem(value: str) -> str | None:
@@ -405,6 +436,117 @@ class ObservabilitySettings(_Section):
     logging: LoggingSettings = LoggingSettings()
 
 
+class PriceVersionSettings(_Section):
+    """One version of a model's prices: tokens in USD per million, web search in USD per 1,000 requests."""
+
+    effective_from: Instant  # applies to calls at or after this instant, until a later version takes over
+    version: str | None = None  # the label events carry as price_version; default "<pattern>@<date>"
+    input: Usd
+    output: Usd
+    cache_write_5m: Usd
+    cache_write_1h: Usd
+    cache_read: Usd
+    web_search: Usd
+
+
+class ModelPriceSettings(_Section):
+    """Prices for the models matching any of ``match``: an exact id, or a prefix ending in ``*``."""
+
+    match: list[str] = Field(min_length=1)
+    versions: list[PriceVersionSettings] = Field(min_length=1)
+
+    @field_validator("match")
+    @classmethod
+    def _patterns(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            if not pattern.strip() or pattern == "*" or "*" in pattern[:-1]:
+                raise ValueError(f"not a model id or prefix* pattern: {pattern!r}")
+        return patterns
+
+    @field_validator("versions")
+    @classmethod
+    def _distinct_dates(cls, versions: list[PriceVersionSettings]) -> list[PriceVersionSettings]:
+        starts = [v.effective_from for v in versions]
+        if len(set(starts)) != len(starts):
+            raise ValueError("two versions take effect at the same instant")
+        return versions
+
+
+class PricesSettings(_Section):
+    """The price table: per model pattern, per token type, versioned by effective date (``gate.accounting.prices``)."""
+
+    models: list[ModelPriceSettings] = []
+
+    @field_validator("models")
+    @classmethod
+    def _each_pattern_once(cls, models: list[ModelPriceSettings]) -> list[ModelPriceSettings]:
+        patterns = [p for entry in models for p in entry.match]
+        repeated = sorted({p for p in patterns if patterns.count(p) > 1})
+        if repeated:
+            raise ValueError(f"a model pattern may appear in one entry only; repeated: {', '.join(repeated)}")
+        return models
+
+
+class SinkRabbitMQSettings(_Section):
+    url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    queue: str = Field("gate-usage-sink", min_length=1)  # durable, bound to usage.destination
+    binding_key: str = "#"
+    prefetch: int = Field(500, ge=1, le=65535)  # unacknowledged messages in flight: a batch at most this big
+
+
+class SinkPubSubSettings(_Section):
+    project_id: str = "gate-local"
+    subscription: str = Field("gate-usage-sink", min_length=1)  # created on usage.destination if missing
+    emulator_host: str | None = None  # else PUBSUB_EMULATOR_HOST, else Google's endpoint
+    max_messages: int = Field(500, ge=1)  # flow control: messages held unacknowledged at most
+
+
+class SinkDatabaseSettings(_Section):
+    url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/gate")
+    schema_name: str = Field("public", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+    migrate: bool = True  # apply the schema migrations at start (else: `gate usage-sink --migrate-only` first)
+    connect_timeout: Duration = 10.0
+
+
+class SinkBigQuerySettings(_Section):
+    project_id: str | None = None  # None: the credentials' project
+    dataset: str = "gate"
+    table: str = "usage_events"
+    create_table: bool = False  # create the partitioned, clustered table if missing
+
+    @field_validator("project_id", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+
+class SinkReportSettings(_Section):
+    enabled: bool = True
+    admin_group: str = Field("gate-admins", min_length=1)  # only callers in this group see the report
+
+
+class SinkServerSettings(_Section):
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(8081, ge=0, le=65535)
+
+
+class UsageSinkSettings(_Section):
+    """``gate usage-sink``: usage events from the broker into PostgreSQL (and BigQuery), and the usage report."""
+
+    source: Literal["rabbitmq", "pubsub"] = "rabbitmq"
+    targets: list[Literal["postgresql", "bigquery"]] = Field(["postgresql"], min_length=1)
+    batch_size: int = Field(200, ge=1)
+    batch_linger: Duration = 0.05  # a batch is written when full or this long after its first event
+    retry_initial: Duration = 0.5
+    retry_max: Duration = 30.0
+    rabbitmq: SinkRabbitMQSettings = SinkRabbitMQSettings()
+    pubsub: SinkPubSubSettings = SinkPubSubSettings()
+    database: SinkDatabaseSettings = SinkDatabaseSettings()
+    bigquery: SinkBigQuerySettings = SinkBigQuerySettings()
+    report: SinkReportSettings = SinkReportSettings()
+    server: SinkServerSettings = SinkServerSettings()
+
+
 class GateSettings(_Section):
     """The whole configuration. ``profiles`` and ``sources`` are filled in by the loader."""
 
@@ -414,6 +556,8 @@ class GateSettings(_Section):
     anthropic: AnthropicSettings = AnthropicSettings()
     resilience: ResilienceSettings = ResilienceSettings()
     usage: UsageSettings = UsageSettings()
+    prices: PricesSettings = PricesSettings()
+    usage_sink: UsageSinkSettings = UsageSinkSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
     profiles: tuple[str, ...] = ("local",)
     sources: tuple[str, ...] = ()
