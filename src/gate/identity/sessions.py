@@ -14,6 +14,7 @@ import base64
 import hashlib
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -112,6 +113,7 @@ class SessionTokens:
             "sub": sub,
             "iat": now,
             "exp": now + self.lifetime,
+            "jti": secrets.token_urlsafe(12),  # two sessions minted in one second differ
             "groups": sorted(groups)[:_MAX_GROUPS],
         }
         if email:

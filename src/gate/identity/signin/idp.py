@@ -212,18 +212,17 @@ class IdentityProvider:
         metadata = await self._discover()
         settings = self._settings
         secret = settings.client_secret.get_secret_value()
-        auth = None
+        headers = {"Accept": "application/json"}
         if settings.auth_method == "client_secret_basic" and secret:
-            auth = aiohttp.BasicAuth(_form_escape(settings.client_id), _form_escape(secret))
+            pair = f"{_form_escape(settings.client_id)}:{_form_escape(secret)}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
         else:
             form = {**form, "client_id": settings.client_id}
             if secret:
                 form["client_secret"] = secret
         assert self._session is not None
         try:
-            async with self._session.post(
-                str(metadata["token_endpoint"]), data=form, auth=auth, headers={"Accept": "application/json"}
-            ) as response:
+            async with self._session.post(str(metadata["token_endpoint"]), data=form, headers=headers) as response:
                 body = await response.read()
                 status = response.status
         except (aiohttp.ClientError, TimeoutError) as exc:
