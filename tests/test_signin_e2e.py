@@ -488,3 +488,94 @@ def test_otlp_relay_attaches_identity(start_signin_gate: Callable[..., GateAt], 
         assert json.loads(by_path["/v1/logs"][1]) == {"resourceLogs": []}
     finally:
         fake_loop.run(runner.cleanup())
+
+
+# ---------------------------------------------------------------------------------------------- replicas
+
+
+def test_replicas_sharing_postgres(
+    tmp_path: Path, fake: FakeAnthropic, fake_session: FakeAnthropic, idp: OidcProvider
+) -> None:
+    """Sign in on one Gate process, poll and refresh on another (a separate `gate serve`): every step finds the
+    state the other wrote, and a session minted by one is accepted by the other."""
+    import subprocess
+
+    import yaml
+    from cryptography.fernet import Fernet
+
+    from tests.postgres_db import throwaway_database
+
+    with throwaway_database() as database:
+        public_url = f"http://127.0.0.1:{PORTS[1]}"  # both stand behind one public URL, as behind a load balancer
+        sections = {
+            "sign-in": sign_in_section(public_url, idp.issuer),
+            "store": {
+                "backend": "postgres",
+                "postgres-url": database,
+                "encryption-keys": [Fernet.generate_key().decode()],
+            },
+            "policies": POLICIES,
+        }
+        first = GateAt(gate_settings(tmp_path / "a", fake_session.url, **sections), PORTS[1]).start()
+        config = tmp_path / "b.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    **sections,
+                    "anthropic": {
+                        "api": {"base-url": fake_session.url, "keys": [{"alias": "b", "value": "sk-ant-test-b-0000"}]}
+                    },
+                    "usage": {
+                        "publisher": "file",
+                        "file": {"path": str(tmp_path / "b-usage.jsonl")},
+                        "outbox": {"path": str(tmp_path / "b-outbox.sqlite3")},
+                    },
+                    "security": {"jwt": {"dev": {"data-dir": str(tmp_path / "b-keys")}}},
+                }
+            )
+        )
+        second_url = f"http://127.0.0.1:{PORTS[2]}"
+        second = subprocess.Popen(
+            [
+                str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "gate"),
+                "serve",
+                "--config",
+                str(config),
+                "--port",
+                str(PORTS[2]),
+            ],
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if httpx.get(f"{second_url}/actuator/health/liveness").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert second.poll() is None and time.monotonic() < deadline, "the second Gate did not start"
+                time.sleep(0.1)
+
+            grant = start_device_flow(first.url)
+            assert poll(second_url, grant["device_code"]).json()["error"] == "authorization_pending"
+            assert browser_sign_in(first.url, grant["user_code"], "alice").status_code == 200
+            tokens = poll_until_done(second_url, grant["device_code"]).json()
+            assert tokens["access_token"]
+            assert poll(first.url, grant["device_code"]).json()["error"] == "expired_token"
+
+            refreshed = refresh(second_url, tokens["refresh_token"])
+            assert refreshed.status_code == 200, refreshed.text
+            assert refresh(first.url, tokens["refresh_token"]).json()["error"] == "invalid_grant"  # used on the other
+            fresh = refreshed.json()
+            for url in (first.url, second_url):
+                client = anthropic.Anthropic(base_url=url, auth_token=fresh["access_token"], max_retries=0)
+                assert client.messages.create(**MESSAGE).content  # type: ignore[call-overload]
+            assert refresh(first.url, fresh["refresh_token"]).status_code == 200
+        finally:
+            second.terminate()
+            second.wait(30)
+            first.stop()
