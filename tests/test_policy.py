@@ -183,3 +183,72 @@ def test_sign_in_settings_are_validated_at_start(tmp_path: Path) -> None:
     )
     assert settings.sign_in.public_url == "https://g.test" and settings.sign_in.session.lifetime == 3600
     assert "s3cret" not in str(settings.masked())
+
+
+async def test_configured_session_keys_rotate_by_kid(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from gate.identity.auth import AuthError
+    from gate.identity.sessions import SessionTokens
+    from gate.settings import SessionSettings
+
+    def pem() -> str:
+        return (
+            Ed25519PrivateKey.generate()
+            .private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+            .decode()
+        )
+
+    old_pem, new_pem = pem(), pem()
+    before = SessionTokens(
+        SessionSettings.model_validate({"signing-keys": [{"kid": "old", "private-key": old_pem}]}),
+        issuer="https://g",
+        leeway=0,
+    )
+    store = open_store(StoreSettings(sqlite_path=str(tmp_path / "kv.sqlite3")))
+    await before.load(store)
+    old_token, lifetime = before.mint(sub="a", email=None, name=None, groups=["g"])
+    assert lifetime == 3600
+    after = SessionTokens(
+        SessionSettings.model_validate(
+            {"signing-keys": [{"kid": "new", "private-key": new_pem}, {"kid": "old", "private-key": old_pem}]}
+        ),
+        issuer="https://g",
+        leeway=0,
+    )
+    await after.load(store)
+    assert after.kids == {"new", "old"}
+    assert after.verify(old_token, "old").groups == {"g"}  # signed before the rotation, still accepted
+    new_token, _ = after.mint(sub="a", email="a@x", name="A", groups=[])
+    assert after.verify(new_token, "new").email == "a@x"
+    with pytest.raises(AuthError):
+        before.verify(new_token, "new")
+    with pytest.raises(ValueError, match="not a PEM private key"):
+        SessionTokens(
+            SessionSettings.model_validate({"signing-keys": [{"kid": "k", "private-key": "nope"}]}),
+            issuer="x",
+            leeway=0,
+        )
+
+
+async def test_generated_session_key_is_shared_through_the_store(tmp_path: Path) -> None:
+    from gate.identity.sessions import SessionTokens
+    from gate.settings import SessionSettings
+
+    store = open_store(StoreSettings(sqlite_path=str(tmp_path / "kv.sqlite3")))
+    await store.start()
+    first, second = (SessionTokens(SessionSettings(), issuer="https://g", leeway=0) for _ in range(2))
+    await first.load(store)
+    await second.load(store)
+    assert first.kids == second.kids
+    token, _ = first.mint(sub="a", email=None, name=None, groups=[])
+    assert second.verify(token, next(iter(second.kids))).sub == "a"
+    assert jwt_header(token)["alg"] == "RS256"
+    await store.close()
+
+
+def jwt_header(token: str) -> dict[str, Any]:
+    import jwt
+
+    return dict(jwt.get_unverified_header(token))

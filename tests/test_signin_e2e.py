@@ -15,6 +15,7 @@ import anthropic
 import httpx
 import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.fake_anthropic import FakeAnthropic
@@ -403,13 +404,15 @@ def test_forged_and_expired_session_tokens_are_refused(
     kid = next(iter(sessions.kids))
     now = int(time.time())
     claims = {"iss": gate.url, "aud": "gate-session", "sub": "eve", "iat": now, "exp": now + 600, "groups": ["admins"]}
-    forged = jwt.encode(claims, Ed25519PrivateKey.generate(), algorithm="EdDSA", headers={"kid": kid})
+    forged = jwt.encode(claims, rsa.generate_private_key(65537, 2048), algorithm="RS256", headers={"kid": kid})
+    wrong_algorithm = jwt.encode(claims, Ed25519PrivateKey.generate(), algorithm="EdDSA", headers={"kid": kid})
     own_key = sessions._signing.private_key
-    expired = jwt.encode({**claims, "exp": now - 3600}, own_key, algorithm="EdDSA", headers={"kid": kid})
-    other_issuer = jwt.encode({**claims, "iss": "http://elsewhere"}, own_key, algorithm="EdDSA", headers={"kid": kid})
-    not_session = jwt.encode({**claims, "aud": "something-else"}, own_key, algorithm="EdDSA", headers={"kid": kid})
+    expired = jwt.encode({**claims, "exp": now - 3600}, own_key, algorithm="RS256", headers={"kid": kid})
+    other_issuer = jwt.encode({**claims, "iss": "http://elsewhere"}, own_key, algorithm="RS256", headers={"kid": kid})
+    not_session = jwt.encode({**claims, "aud": "something-else"}, own_key, algorithm="RS256", headers={"kid": kid})
     for token, reason in [
         (forged, "signature"),
+        (wrong_algorithm, "algorithm"),
         (expired, "expired"),
         (other_issuer, "not issued by"),
         (not_session, "not a Gate session"),

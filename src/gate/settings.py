@@ -358,7 +358,7 @@ class IdentityProviderSettings(_Section):
 
 class SessionSigningKey(_Section):
     kid: str = Field(min_length=1, max_length=64)
-    private_key: SecretStr  # PEM (PKCS#8) Ed25519 private key
+    private_key: SecretStr  # PEM private key: RSA (>= 2048 bits, RS256) or Ed25519 (EdDSA)
 
 
 class SessionSettings(_Section):

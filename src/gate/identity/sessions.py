@@ -1,7 +1,10 @@
 """Gate's own session tokens: the short-lived bearer that Claude Code holds after signing in through Gate.
 
-Ed25519 (EdDSA) JWTs carrying ``sub``, ``email``, ``name`` and ``groups``, issued by Gate's public URL for the
-audience :data:`AUDIENCE`. The first signing key signs; every key verifies, by ``kid`` (rotation: add the new key
+JWTs carrying ``sub``, ``email``, ``name`` and ``groups``, issued by Gate's public URL for the
+audience :data:`AUDIENCE`, signed RS256 (RSA keys) or EdDSA (Ed25519 keys). The generated default is RSA-2048:
+verifying it is the cheapest asymmetric check there is (about a quarter of Ed25519's in OpenSSL 3 on this rig,
+see ``benchmarks/micro/session_verify.py``), and verification, not signing, is on the request path. The first
+signing key signs; every key verifies, by ``kid`` (rotation: add the new key
 first, drop the old one after a session lifetime). Keys come from settings, or, when none is configured, one is
 generated once and kept encrypted in the shared store so that every replica signs with the same key.
 ``Authenticator`` hands a token whose ``kid`` is one of these keys here: no network, one signature check, then
@@ -22,45 +25,56 @@ from typing import Any, Final
 
 import jwt
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gate.identity.auth import AuthError, Identity
 from gate.settings import SessionSettings
 from gate.store.kv import KeyValueStore
 
-__all__ = ["ALGORITHM", "AUDIENCE", "SessionKey", "SessionTokens"]
+__all__ = ["AUDIENCE", "SessionKey", "SessionTokens"]
 
 log = logging.getLogger(__name__)
 
-ALGORITHM: Final = "EdDSA"
 AUDIENCE: Final = "gate-session"
-_STORED_KEY: Final = "session-signing-key:v1"
+_STORED_KEY: Final = "session-signing-key:v2"
+_RSA_BITS: Final = 2048
+
+PrivateKey = rsa.RSAPrivateKey | Ed25519PrivateKey
 _MAX_GROUPS: Final = 256
 
 
 @dataclass(frozen=True, slots=True)
 class SessionKey:
     kid: str
-    private_key: Ed25519PrivateKey
+    private_key: PrivateKey
 
     @property
-    def public_key(self) -> Ed25519PublicKey:
+    def algorithm(self) -> str:
+        return "EdDSA" if isinstance(self.private_key, Ed25519PrivateKey) else "RS256"
+
+    @property
+    def public_key(self) -> Any:
         return self.private_key.public_key()
 
 
-def _generated_kid(key: Ed25519PrivateKey) -> str:
-    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return "gate-" + base64.urlsafe_b64encode(hashlib.sha256(raw).digest()[:9]).decode()
+def _generated_kid(key: PrivateKey) -> str:
+    der = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return "gate-" + base64.urlsafe_b64encode(hashlib.sha256(der).digest()[:9]).decode()
 
 
-def _load_pem(pem: str, kid: str) -> SessionKey:
+def _load_pem(pem: bytes, kid: str | None) -> SessionKey:
+    name = f"key {kid!r}" if kid else "the stored key"
     try:
-        key = serialization.load_pem_private_key(pem.encode(), password=None)
+        key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError):
-        raise ValueError(f"sign-in.session.signing-keys: key {kid!r} is not a PEM private key") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"sign-in.session.signing-keys: key {kid!r} is not an Ed25519 key")
-    return SessionKey(kid, key)
+        raise ValueError(f"sign-in.session.signing-keys: {name} is not a PEM private key") from None
+    if isinstance(key, rsa.RSAPrivateKey):
+        if key.key_size < _RSA_BITS:
+            raise ValueError(f"sign-in.session.signing-keys: {name} is an RSA key under {_RSA_BITS} bits")
+    elif not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"sign-in.session.signing-keys: {name} is neither an RSA nor an Ed25519 key")
+    return SessionKey(kid or _generated_kid(key), key)
 
 
 class SessionTokens:
@@ -71,11 +85,11 @@ class SessionTokens:
     ):
         self.issuer = issuer
         self.lifetime = int(settings.lifetime)
-        self._configured = [_load_pem(k.private_key.get_secret_value(), k.kid) for k in settings.signing_keys]
+        self._configured = [_load_pem(k.private_key.get_secret_value().encode(), k.kid) for k in settings.signing_keys]
         self._leeway = leeway
         self._clock = clock
         self._signing: SessionKey | None = None
-        self._verifying: dict[str, Ed25519PublicKey] = {}
+        self._verifying: dict[str, tuple[Any, list[str]]] = {}
         self.kids: frozenset[str] = frozenset()
         self._decoder = jwt.PyJWT(
             options={"verify_exp": False, "verify_nbf": False, "verify_iat": False, "verify_sub": False}
@@ -85,22 +99,21 @@ class SessionTokens:
         """Use the configured keys, or the store's generated key (made now by whichever replica comes first)."""
         keys = self._configured
         if not keys:
-            pem = Ed25519PrivateKey.generate().private_bytes(
+            generated = rsa.generate_private_key(public_exponent=65537, key_size=_RSA_BITS)
+            pem = generated.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
             )
             if await store.add(_STORED_KEY, pem, None):
                 log.info("sign-in: generated the session signing key (kept encrypted in store %s)", store.name)
-            entry = await store.get(_STORED_KEY)
+            entry = await store.get(_STORED_KEY)  # whichever replica came first made the one everybody uses
             assert entry is not None
-            private = serialization.load_pem_private_key(entry.value, password=None)
-            assert isinstance(private, Ed25519PrivateKey)
-            keys = [SessionKey(_generated_kid(private), private)]
+            keys = [_load_pem(entry.value, None)]
         self.install(keys)
 
     def install(self, keys: Iterable[SessionKey]) -> None:
         keys = list(keys)
         self._signing = keys[0]
-        self._verifying = {k.kid: k.public_key for k in keys}
+        self._verifying = {k.kid: (k.public_key, [k.algorithm]) for k in keys}
         self.kids = frozenset(self._verifying)
 
     def mint(self, *, sub: str, email: str | None, name: str | None, groups: Iterable[str]) -> tuple[str, int]:
@@ -121,20 +134,21 @@ class SessionTokens:
         if name:
             claims["name"] = name
         key = self._signing
-        token = jwt.encode(claims, key.private_key, algorithm=ALGORITHM, headers={"kid": key.kid, "typ": "JWT"})
+        token = jwt.encode(claims, key.private_key, algorithm=key.algorithm, headers={"kid": key.kid, "typ": "JWT"})
         return token, self.lifetime
 
     def verify(self, token: str, kid: str) -> Identity:
         """The identity a session token carries; :class:`AuthError` if it is forged, expired or not for Gate."""
-        key = self._verifying.get(kid)
-        if key is None:
+        found = self._verifying.get(kid)
+        if found is None:
             raise AuthError("unknown_key", "the session token's key is not one of Gate's")
+        key, algorithms = found
         try:
-            payload = self._decoder.decode(token, key, algorithms=[ALGORITHM], issuer=self.issuer, audience=AUDIENCE)
+            payload = self._decoder.decode(token, key, algorithms=algorithms, issuer=self.issuer, audience=AUDIENCE)
         except jwt.InvalidSignatureError:
             raise AuthError("signature", "the session token's signature does not verify") from None
         except jwt.InvalidAlgorithmError:
-            raise AuthError("algorithm", "the session token is not signed with EdDSA") from None
+            raise AuthError("algorithm", "the session token is not signed with its key's algorithm") from None
         except (jwt.InvalidIssuerError, jwt.MissingRequiredClaimError):
             raise AuthError("issuer", f"the session token was not issued by {self.issuer}") from None
         except jwt.InvalidAudienceError:
