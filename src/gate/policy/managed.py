@@ -41,6 +41,7 @@ class ManagedSettings:
         self._auth = auth
         self._pushed = {"env": dict(pushed_env)} if pushed_env else None
         self._documents: dict[tuple[str, ...], tuple[bytes, str]] = {}
+        self.served = 0  # answers given (200 or 304)
 
     def resolve(self, identity: Identity) -> tuple[bytes, str] | None:
         resolved = self._book.resolve(identity)
@@ -65,6 +66,7 @@ class ManagedSettings:
         if found is None:
             return error_response(404, "No managed settings apply to you on this gateway.")
         body, checksum = found
+        self.served += 1
         etag = f'"{checksum}"'
         headers = {"ETag": etag, "Cache-Control": "private, no-cache"}
         wanted = request.headers.get(_IF_NONE_MATCH)

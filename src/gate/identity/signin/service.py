@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
+from collections import Counter
 from collections.abc import Mapping
 from importlib import resources
 from typing import Any, Final
@@ -97,6 +98,7 @@ class SignIn:
                 "gateway_protocol_version": PROTOCOL_VERSION,
             }
         )
+        self.counts: Counter[str] = Counter()  # audit events by kind: signin, refresh, refusal (tests, metrics)
         self._protocol = resources.files("gate.identity.signin").joinpath("protocol.md").read_bytes()
 
     def add_routes(self, router: Any) -> None:
@@ -426,6 +428,7 @@ class SignIn:
         sub: str | None = None,
         reason: str | None = None,
     ) -> None:
+        self.counts[event] += 1
         fields: dict[str, Any] = {"audit": event, "client_ip": address}
         if user is not None:
             fields.update(sub=user.sub, email=user.email, groups=sorted(user.groups))
