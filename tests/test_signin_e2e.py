@@ -582,3 +582,74 @@ def test_replicas_sharing_postgres(
             second.terminate()
             second.wait(30)
             first.stop()
+
+
+# ---------------------------------------------------------------------------------------------- IdP trouble
+
+
+def test_idp_away_during_refresh_is_temporary(tmp_path: Path, fake: FakeAnthropic, fake_session: FakeAnthropic) -> None:
+    """The IdP down: refresh answers 503 temporarily_unavailable and keeps the refresh token for the next try."""
+    own_idp = OidcProvider([f"http://127.0.0.1:{PORTS[3]}/oauth/callback"])
+    settings = gate_settings(
+        tmp_path,
+        fake_session.url,
+        **{"sign-in": sign_in_section(f"http://127.0.0.1:{PORTS[3]}", own_idp.issuer)},
+        store={"sqlite-path": str(tmp_path / "store.sqlite3")},
+    )
+    gate = GateAt(settings, PORTS[3]).start()
+    try:
+        tokens = sign_in(gate.url, "alice")
+        health = httpx.get(f"{gate.url}/actuator/health").json()["components"]["signIn"]
+        assert health["status"] == "UP" and health["details"]["auditEvents"] == {"signin": 1}
+        own_idp.stop()
+        for _ in range(2):  # still usable after the first failure
+            away = refresh(gate.url, tokens["refresh_token"])
+            assert (away.status_code, away.json()["error"]) == (503, "temporarily_unavailable")
+        # The session itself needs no IdP: Gate verifies it with its own key.
+        bearer = {"Authorization": f"Bearer {tokens['access_token']}"}
+        assert httpx.post(f"{gate.url}/v1/messages", headers=bearer, json=MESSAGE).status_code == 200
+        # A device confirmation cannot reach the IdP either: a clear page, not a crash.
+        grant = start_device_flow(gate.url)
+        page = httpx.post(f"{gate.url}/device", data={"user_code": grant["user_code"]}, headers={"Origin": gate.url})
+        assert page.status_code in (302, 503)  # discovery was cached: the redirect is built without the IdP
+    finally:
+        gate.stop()
+        own_idp.stop()
+
+
+def test_callback_naming_another_issuer_is_refused(start_signin_gate: Callable[..., GateAt]) -> None:
+    gate = start_signin_gate()
+    grant = start_device_flow(gate.url)
+    with httpx.Client(follow_redirects=False) as browser:
+        location = follow_to_idp(browser, gate.url, grant["user_code"]).headers["location"]
+        callback = httpx.URL(idp_login(browser, location, "alice", f"{gate.url}/oauth/callback"))
+        mixed_up = browser.get(str(callback.copy_set_param("iss", "https://attacker.example")))
+    assert mixed_up.status_code == 400 and "another identity provider" in mixed_up.text
+    assert poll_until_done(gate.url, grant["device_code"]).json()["error"] == "access_denied"
+
+
+# ---------------------------------------------------------------------------------------------- hostile input
+
+
+def test_hostile_bodies_and_queries_get_clear_answers(start_signin_gate: Callable[..., GateAt]) -> None:
+    from hypothesis import HealthCheck, given
+    from hypothesis import settings as hypothesis_settings
+    from hypothesis import strategies as st
+
+    gate = start_signin_gate(limits={"token-requests": 10_000, "device-posts": 10_000, "device-authorizations": 10_000})
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+
+    @hypothesis_settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.binary(max_size=600), st.text(max_size=200))
+    def hostile(body: bytes, query: str) -> None:
+        token = client.post(f"{gate.url}/oauth/token", content=body, headers=form)
+        assert 400 <= token.status_code < 500 and isinstance(token.json()["error"], str)
+        device = client.post(f"{gate.url}/device", content=body, headers={**form, "Origin": gate.url})
+        assert device.status_code in (400, 413) and device.headers["content-type"].startswith("text/html")
+        callback = client.get(f"{gate.url}/oauth/callback", params={"state": query, "code": query})
+        assert callback.status_code == 400
+        authorization = client.post(f"{gate.url}/oauth/device_authorization", content=body, headers=form)
+        assert authorization.status_code in (200, 400, 413)
+
+    with httpx.Client() as client:  # one client: building one per request costs more than Gate's answer
+        hostile()

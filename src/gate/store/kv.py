@@ -92,6 +92,7 @@ class KeyValueStore:
         self._sweep_interval = sweep_interval
         self._sweeper: asyncio.Task[None] | None = None
         self.name = name  # "sqlite:<path>" or "postgres": for logs and health, never a password
+        self.last_error: str | None = None  # the last sweep's failure (every sweep-interval): for health
         self.clock: Callable[[], float] = time.time
 
     async def start(self) -> None:
@@ -157,8 +158,10 @@ class KeyValueStore:
             try:
                 removed = await self._backend.sweep(self.clock())
             except StoreError as exc:  # a sweep failing (database away) must not end the loop
-                log.warning("store %s: sweeping expired entries failed: %s", self.name, type(exc).__name__)
+                log.warning("store %s: sweeping expired entries failed: %s", self.name, exc)
+                self.last_error = str(exc)
                 continue
+            self.last_error = None
             if removed:
                 log.debug("store %s: %d expired entries removed", self.name, removed)
 

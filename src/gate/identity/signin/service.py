@@ -124,7 +124,10 @@ class SignIn:
         await self._store.close()
 
     def health(self) -> dict[str, object]:
-        return {"status": "UP", "details": {"store": self._store.name}}
+        """DOWN while the store's periodic sweep fails (sign-in, refresh and rate limits need it)."""
+        error = self._store.last_error
+        details = {"store": self._store.name, "lastError": error, "auditEvents": dict(self.counts)}
+        return {"status": "DOWN" if error else "UP", "details": details}
 
     # ------------------------------------------------------------------------------------------- discovery
 
@@ -228,6 +231,11 @@ class SignIn:
             return message_page(
                 "Sign-in failed", "This sign-in has expired. Run /login in Claude Code again.", status=400
             )
+        issuer = query.get("iss")
+        if issuer is not None and issuer.rstrip("/") != self._idp.issuer:  # RFC 9207: a mix-up attack
+            await self._grants.deny(grant, "the callback names another issuer")
+            self._audit("refusal", address, reason="callback from another issuer")
+            return message_page("Sign-in failed", "The answer came from another identity provider.", status=400)
         if "error" in query:
             reason = f"the IdP answered {query['error'][:40]}"
             await self._grants.deny(grant, reason)
