@@ -14,9 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from tests.fake_anthropic import FakeAnthropic
-from tests.harness import gate_settings, read_events
+from tests.harness import BackgroundLoop, gate_settings, read_events
 from tests.pseudo_terminal import PseudoTerminal
 from tests.signin_idp import GateAt, OidcProvider, browser_sign_in, free_ports, sign_in_section
 
@@ -126,8 +127,38 @@ class ClaudeCode:
         return dict(json.loads((self.home / ".claude" / ".credentials.json").read_text()))
 
 
+class Collector:
+    """An OTLP/HTTP collector on loopback that records what Gate relays to it."""
+
+    def __init__(self, loop: BackgroundLoop) -> None:
+        self.received: list[tuple[str, dict[str, str], bytes]] = []
+        self._loop = loop
+        app = web.Application()
+        app.router.add_post("/v1/{signal}", self._collect)
+        self._runner = web.AppRunner(app)
+        loop.run(self._runner.setup())
+        loop.run(web.TCPSite(self._runner, "127.0.0.1", 0).start())
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+
+    async def _collect(self, request: web.Request) -> web.Response:
+        self.received.append((request.path, dict(request.headers), await request.read()))
+        return web.Response()
+
+    def close(self) -> None:
+        self._loop.run(self._runner.cleanup())
+
+
 @pytest.fixture
-def signin_gate(tmp_path: Path, fake_session: FakeAnthropic) -> Iterator[tuple[GateAt, OidcProvider]]:
+def collector(fake_loop: BackgroundLoop) -> Iterator[Collector]:
+    running = Collector(fake_loop)
+    yield running
+    running.close()
+
+
+@pytest.fixture
+def signin_gate(
+    tmp_path: Path, fake_session: FakeAnthropic, collector: Collector
+) -> Iterator[tuple[GateAt, OidcProvider]]:
     port = free_ports(1)[0]
     idp = OidcProvider([f"http://127.0.0.1:{port}/oauth/callback"])
     settings = gate_settings(
@@ -136,13 +167,21 @@ def signin_gate(tmp_path: Path, fake_session: FakeAnthropic) -> Iterator[tuple[G
         **{
             # A 1-minute session: inside Claude Code's 5-minute refresh margin from the start, so every run of
             # `claude -p` has to refresh it first, silently.
-            "sign-in": sign_in_section(f"http://127.0.0.1:{port}", idp.issuer, session={"lifetime": "1m"}),
+            "sign-in": sign_in_section(
+                f"http://127.0.0.1:{port}",
+                idp.issuer,
+                session={"lifetime": "1m"},
+                telemetry={"forward-to": [{"url": collector.url}]},
+            ),
             "store": {"sqlite-path": str(tmp_path / "store.sqlite3")},
             "policies": [
                 {
                     "name": "everyone",
                     "models": ["claude-opus-*", "claude-sonnet-*", "claude-haiku-*"],
-                    "managed-settings": {"env": {"GATE_POLICY": "everyone"}},
+                    # Short export intervals, so Claude Code's telemetry reaches Gate within one `claude -p`.
+                    "managed-settings": {
+                        "env": {"OTEL_METRIC_EXPORT_INTERVAL": "1000", "OTEL_LOGS_EXPORT_INTERVAL": "1000"}
+                    },
                 }
             ],
         },
@@ -154,7 +193,7 @@ def signin_gate(tmp_path: Path, fake_session: FakeAnthropic) -> Iterator[tuple[G
 
 
 def test_claude_code_signs_in_with_login_and_answers_through_gate(
-    signin_gate: tuple[GateAt, OidcProvider], fake: FakeAnthropic, tmp_path: Path
+    signin_gate: tuple[GateAt, OidcProvider], fake: FakeAnthropic, tmp_path: Path, collector: Collector
 ) -> None:
     gate, _idp = signin_gate
     assert gate.gate is not None and gate.gate.signin is not None
@@ -196,6 +235,13 @@ def test_claude_code_signs_in_with_login_and_answers_through_gate(
     assert {event["subject"] for event in events} == {"alice"}
     assert gate.gate.managed.served >= 1  # Claude Code fetched its managed settings at start
     assert gate.gate.signin.counts["refresh"] >= 1  # the 1-minute session was refreshed without anybody asked
+
+    # Claude Code's own telemetry came to Gate (pushed by managed settings) and was relayed with the identity.
+    relayed = [(path, headers) for path, headers, _body in collector.received]
+    assert relayed, (
+        f"no telemetry relayed; Gate's relay: {gate.gate.otlp.relayed} relayed, {gate.gate.otlp.failed} failed"
+    )
+    assert all(headers["x-gate-subject"] == "alice" for _path, headers in relayed)
 
     calls = len(fake.received)
     refused = claude.print_mode("say hi", "--model", "claude-3-opus-20240229")
