@@ -131,7 +131,7 @@ def test_sign_in_then_messages_policy_settings_refresh_and_deprovisioning(
     start_signin_gate: Callable[..., GateAt], fake: FakeAnthropic, idp: OidcProvider, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="gate.audit")
-    gate = start_signin_gate()
+    gate = start_signin_gate(session={"refresh-reuse-grace": "0s"})  # strictly single-use refresh tokens
     grant = start_device_flow(gate.url)
     assert poll(gate.url, grant["device_code"]).json()["error"] == "authorization_pending"
     page = browser_sign_in(gate.url, grant["user_code"], "dave")
@@ -572,7 +572,7 @@ def test_replicas_sharing_postgres(
 
             refreshed = refresh(second_url, tokens["refresh_token"])
             assert refreshed.status_code == 200, refreshed.text
-            assert refresh(first.url, tokens["refresh_token"]).json()["error"] == "invalid_grant"  # used on the other
+            assert refresh(first.url, tokens["refresh_token"]).json() == refreshed.json()  # the other's answer
             fresh = refreshed.json()
             for url in (first.url, second_url):
                 client = anthropic.Anthropic(base_url=url, auth_token=fresh["access_token"], max_retries=0)
@@ -653,3 +653,19 @@ def test_hostile_bodies_and_queries_get_clear_answers(start_signin_gate: Callabl
 
     with httpx.Client() as client:  # one client: building one per request costs more than Gate's answer
         hostile()
+
+
+def test_concurrent_refreshes_share_one_answer(start_signin_gate: Callable[..., GateAt]) -> None:
+    """Two Claude Code processes sharing one credentials file refresh at once: neither loses the session."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gate = start_signin_gate()
+    tokens = sign_in(gate.url, "alice")
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: refresh(gate.url, tokens["refresh_token"]), range(4)))
+    ok = [a.json() for a in answers if a.status_code == 200]
+    busy = [a for a in answers if a.status_code != 200]
+    assert ok and all(answer == ok[0] for answer in ok)
+    assert all((a.status_code, a.json()["error"]) == (503, "temporarily_unavailable") for a in busy)
+    assert refresh(gate.url, tokens["refresh_token"]).json() == ok[0]  # within the grace: the same answer
+    assert gate.gate is not None and gate.gate.signin.counts["refresh"] == 1  # the IdP was asked once

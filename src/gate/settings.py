@@ -364,6 +364,9 @@ class SessionSigningKey(_Section):
 class SessionSettings(_Section):
     lifetime: Duration = 3600.0
     refresh_lifetime: Duration = 30 * 86400.0  # an unused refresh token is forgotten after this
+    # A refresh token used again this soon after its refresh gets the same answer: two Claude Code processes
+    # sharing one credentials file refresh at the same moment, and the slower one must not lose the session.
+    refresh_reuse_grace: Duration = 30.0
     # The first signs, every one verifies (rotation). Empty: one is generated and kept (encrypted) in the store.
     signing_keys: list[SessionSigningKey] = []
 

@@ -7,11 +7,12 @@ single-use login record in the store, bound to this browser by a cookie. ``/oaut
 verifies the id_token (JWKS: signature, iss, aud, exp; then nonce), applies the allowed domains and groups, mints a
 Gate session and marks the device grant approved; Claude Code's next poll gets the tokens, once.
 
-The refresh token Claude Code holds is Gate's own, random and single-use; the IdP's refresh token stays in the
-store, encrypted. Each refresh is done at the IdP, so a user the IdP no longer knows (or who left the allowed
-groups) is refused with ``401 invalid_grant`` and must sign in again. Every sign-in, refresh and refusal writes one
-line on the ``gate.audit`` logger. Per-address limits (device authorizations, ``/device`` posts, token requests)
-are counted in the store, so they hold across replicas.
+The refresh token Claude Code holds is Gate's own, random and single-use (used again within
+``session.refresh-reuse-grace`` it gets the same answer, for two processes refreshing at once; after that,
+``invalid_grant``); the IdP's refresh token stays in the store, encrypted. Each refresh is done at the IdP, so a
+user the IdP no longer knows (or who left the allowed groups) is refused with ``401 invalid_grant`` and must sign
+in again. Every sign-in, refresh and refusal writes one line on the ``gate.audit`` logger. Per-address limits
+(device authorizations, ``/device`` posts, token requests) are counted in the store, so they hold across replicas.
 """
 
 from __future__ import annotations
@@ -309,21 +310,32 @@ class SignIn:
         if not refresh_token:
             return _oauth_error(400, "invalid_request", "refresh_token is required")
         key = f"refresh:{_hash(refresh_token[:512])}"
-        raw = await self._store.take(key)  # single use: a replayed refresh token finds nothing
-        if raw is None:
+        entry = await self._store.get(key)
+        if entry is None:
             self._audit("refusal", address, reason="unknown, expired or replayed refresh token")
             return _oauth_error(
                 401, "invalid_grant", "the refresh token is unknown, expired or already used; run /login"
             )
-        record = orjson.loads(raw)
+        record = orjson.loads(entry.value)
+        successor = record.get("successor")
+        if successor is not None:  # refreshed a moment ago, by another process of the same person: same answer
+            return Response(body=orjson.dumps(successor), content_type="application/json", headers=_NO_STORE)
+        # Claim the token (compare-and-set), so that one replica, once, asks the IdP.
+        now = self._store.clock()
+        lifetime = self._settings.session.refresh_lifetime
+        claim = {**record, "refreshing_until": now + self._settings.idp.timeout + 1}
+        busy = record.get("refreshing_until", 0) > now
+        if busy or not await self._store.replace(key, orjson.dumps(claim), entry.version, lifetime):
+            return _oauth_error(503, "temporarily_unavailable", "this session is being refreshed; retry shortly")
         try:
             fresh = await self._idp.refresh(record["idp_refresh_token"], record["sub"])
         except IdpError as exc:
             # The IdP is away, not refusing: keep the refresh token usable for the client's next try.
-            await self._store.put(key, raw, self._settings.session.refresh_lifetime)
+            await self._store.put(key, entry.value, lifetime)
             log.error("sign-in: refresh at the IdP failed: %s", exc)
             return _oauth_error(503, "temporarily_unavailable", "the identity provider is unavailable; retry shortly")
         except IdpRefused as exc:
+            await self._store.delete(key)
             self._audit("refusal", address, sub=record["sub"], reason=f"refresh refused: {exc}")
             return _oauth_error(
                 401, "invalid_grant", "the identity provider no longer accepts this sign-in; run /login"
@@ -338,9 +350,15 @@ class SignIn:
         )
         refusal = self._refusal(user)
         if refusal is not None:
+            await self._store.delete(key)
             self._audit("refusal", address, user=user, reason=f"refresh refused: {refusal}")
             return _oauth_error(401, "invalid_grant", f"{refusal}; run /login")
         tokens = await self._mint(user)
+        grace = self._settings.session.refresh_reuse_grace
+        if grace > 0:  # the old token answers the same for a moment, then never again
+            await self._store.put(key, orjson.dumps({"successor": tokens}), grace)
+        else:
+            await self._store.delete(key)
         self._audit("refresh", address, user=user)
         return Response(body=orjson.dumps(tokens), content_type="application/json", headers=_NO_STORE)
 
