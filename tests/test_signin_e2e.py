@@ -669,3 +669,31 @@ def test_concurrent_refreshes_share_one_answer(start_signin_gate: Callable[..., 
     assert all((a.status_code, a.json()["error"]) == (503, "temporarily_unavailable") for a in busy)
     assert refresh(gate.url, tokens["refresh_token"]).json() == ok[0]  # within the grace: the same answer
     assert gate.gate is not None and gate.gate.signin.counts["refresh"] == 1  # the IdP was asked once
+
+
+# ---------------------------------------------------------------------------------------------- the contract
+
+
+def test_answers_match_the_gateway_contract(start_signin_gate: Callable[..., GateAt], fake: FakeAnthropic) -> None:
+    """Field by field against the shapes Anthropic's own gateway answers with (tests/fixtures)."""
+    contract = json.loads((Path(__file__).parent / "fixtures" / "gateway-protocol-contract.json").read_text())
+    gate = start_signin_gate()
+    discovery = httpx.get(f"{gate.url}/.well-known/oauth-authorization-server").json()
+    assert discovery == json.loads(json.dumps(contract["discovery"]).replace("{public_url}", gate.url))
+    grant = start_device_flow(gate.url)
+    assert sorted(grant) == contract["device_authorization_response_keys"]
+    assert set(grant["user_code"].replace("-", "")) <= set(contract["user_code_alphabet"])
+    assert poll(gate.url, grant["device_code"]).json()["error"] in contract["device_grant_errors"]
+    assert browser_sign_in(gate.url, grant["user_code"], "alice").status_code == 200
+    tokens = poll_until_done(gate.url, grant["device_code"]).json()
+    assert sorted(tokens) == contract["token_response_keys"]
+    claims = jwt.decode(tokens["access_token"], options={"verify_signature": False})
+    assert set(contract["session_claims"]) <= set(claims)
+    bearer = {"Authorization": f"Bearer {tokens['access_token']}"}
+    assert (
+        sorted(httpx.get(f"{gate.url}/managed/settings", headers=bearer).json())
+        == contract["managed_settings_response_keys"]
+    )
+    assert sorted(httpx.get(f"{gate.url}/v1/models", headers=bearer).json()) == contract["models_response_keys"]
+    refused = refresh(gate.url, "not-a-refresh-token")
+    assert {"status": refused.status_code, "error": refused.json()["error"]} == contract["refresh_refusal"]

@@ -12,7 +12,7 @@ import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gate import __version__
 from gate.events import UsageEvents
@@ -31,6 +31,9 @@ from gate.settings import GateSettings
 from gate.upstreams.anthropic import Upstream
 from gate.upstreams.breaker import CircuitBreaker
 from gate.upstreams.keys import KeyPool
+
+if TYPE_CHECKING:
+    from gate.identity.signin.service import SignIn
 
 __all__ = ["Gate", "run", "serve"]
 
@@ -59,7 +62,7 @@ class Gate:
     relay: Relay = field(init=False)
     managed: ManagedSettings = field(init=False)
     otlp: TelemetryRelay = field(init=False)
-    signin: Any = None  # gate.identity.signin.service.SignIn when sign-in is enabled
+    signin: SignIn | None = None  # when sign-in is enabled
 
     def __post_init__(self) -> None:
         s = self.settings
