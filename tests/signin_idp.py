@@ -32,7 +32,7 @@ def npm_install() -> None:
     if npm is None or shutil.which("node") is None:
         pytest.skip("Node.js and npm are needed for the OIDC provider of the sign-in tests")
     result = subprocess.run(
-        [npm, "install", "--no-audit", "--no-fund"],
+        [npm, "ci", "--no-audit", "--no-fund"],
         cwd=IDP_DIR,
         capture_output=True,
         text=True,
