@@ -136,6 +136,7 @@ def test_sign_in_then_messages_policy_settings_refresh_and_deprovisioning(
     assert poll(gate.url, grant["device_code"]).json()["error"] == "authorization_pending"
     page = browser_sign_in(gate.url, grant["user_code"], "dave")
     assert page.status_code == 200 and "Signed in as dave@example.com" in page.text
+    assert "Max-Age=0" in page.headers["set-cookie"]  # the browser binding is spent
     tokens = poll_until_done(gate.url, grant["device_code"]).json()
     assert tokens["token_type"] == "Bearer" and tokens["expires_in"] == 3600 and tokens["refresh_token"]
     claims = jwt.decode(tokens["access_token"], options={"verify_signature": False})

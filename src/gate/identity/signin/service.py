@@ -209,7 +209,14 @@ class SignIn:
         return Response(status=302, headers={"Location": location, "Set-Cookie": cookie, **_NO_STORE})
 
     async def callback(self, request: Request) -> Response:
-        address = client_address(request)
+        response = await self._callback(request, client_address(request))
+        # The browser binding served its one use, whatever the outcome.
+        response.headers["Set-Cookie"] = f"{self._cookie}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax" + (
+            "; Secure" if self._secure_cookie else ""
+        )
+        return response
+
+    async def _callback(self, request: Request, address: str) -> Response:
         query = dict(parse_qsl(request.path_qs.partition("?")[2][:_MAX_FORM]))
         state = query.get("state", "")
         raw = await self._store.take(f"login:{_hash(state)}") if state else None
