@@ -29,7 +29,7 @@ from urllib.parse import parse_qsl
 import orjson
 from multidict import istr
 
-from gate.http.server import BadBody, BodyTooLarge, Request, Response
+from gate.http.server import BadBody, BodyTooLarge, Request, Response, Router
 from gate.identity.auth import Authenticator
 from gate.identity.sessions import SessionTokens
 from gate.identity.signin.grants import DeviceGrants, Poll, normalise_user_code
@@ -102,7 +102,7 @@ class SignIn:
         self.counts: Counter[str] = Counter()  # audit events by kind: signin, refresh, refusal (tests, metrics)
         self._protocol = resources.files("gate.identity.signin").joinpath("protocol.md").read_bytes()
 
-    def add_routes(self, router: Any) -> None:
+    def add_routes(self, router: Router) -> None:
         router.add("GET", "/.well-known/oauth-authorization-server", self.metadata)
         router.add("GET", "/protocol", self.protocol)
         router.add("POST", "/oauth/device_authorization", self.device_authorization)
