@@ -28,6 +28,7 @@ from gate.identity.auth import Authenticator, AuthError, www_authenticate
 from gate.ops.errors import error_response, error_type_for
 from gate.ops.logs import access_line
 from gate.ops.telemetry import Telemetry
+from gate.policy.models import ModelPolicy
 from gate.settings import GateSettings
 from gate.upstreams.anthropic import Upstream, request_headers, response_headers
 from gate.upstreams.breaker import CircuitBreaker, CircuitOpenError, Permit
@@ -182,8 +183,10 @@ class Relay:
         breaker: CircuitBreaker,
         events: UsageEvents,
         telemetry: Telemetry,
+        policy: ModelPolicy | None = None,
     ) -> None:
         api = settings.anthropic.api
+        self._policy = policy
         self._upstream = upstream
         self._auth = auth
         self._keys = keys
@@ -273,6 +276,8 @@ class Relay:
                     )
                 exchange.model = model
             exchange.stream = parsed.get("stream") is True
+        if self._policy is not None and (answer := self._policy.answer(identity, request, exchange.model)) is not None:
+            return answer  # refused (or /v1/models answered) by model policy: no upstream call, no usage event
         exchange.session_id = request.headers.get(_SESSION_ID)
         return await self._forward(request, exchange, body, metered=metered)
 

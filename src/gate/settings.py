@@ -33,6 +33,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 __all__ = [
@@ -547,6 +548,170 @@ class UsageSinkSettings(_Section):
     server: SinkServerSettings = SinkServerSettings()
 
 
+# ---------------------------------------------------------------------------------------------- sign-in (Claude Code)
+
+
+class StoreSettings(_Section):
+    """Shared state with TTLs: sign-in device grants, refresh bookkeeping, rate-limit counters, session keys."""
+
+    backend: Literal["sqlite", "postgres"] = "sqlite"
+    sqlite_path: str = "./data/gate-store.sqlite3"
+    postgres_url: SecretStr = SecretStr("")
+    # Fernet keys (``Fernet.generate_key()``); the first encrypts, all decrypt (rotation). Empty: with SQLite a
+    # key is generated beside the database file; PostgreSQL (several replicas) needs them configured.
+    encryption_keys: list[SecretStr] = []
+    sweep_interval: Duration = 30.0
+
+    @field_validator("encryption_keys")
+    @classmethod
+    def _fernet_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        from cryptography.fernet import Fernet
+
+        for index, key in enumerate(keys):
+            try:
+                Fernet(key.get_secret_value().encode())
+            except (ValueError, TypeError):
+                raise ValueError(f"encryption key #{index} is not a Fernet key (32 url-safe base64 bytes)") from None
+        return keys
+
+    @model_validator(mode="after")
+    def _postgres_needs(self) -> StoreSettings:
+        if self.backend == "postgres":
+            if not self.postgres_url.get_secret_value().strip():
+                raise ValueError("store.backend is postgres but store.postgres-url is empty")
+            if not self.encryption_keys:
+                raise ValueError("store.backend postgres needs store.encryption-keys (shared by every replica)")
+        return self
+
+
+class IdentityProviderSettings(_Section):
+    """The company IdP that people sign in with (OpenID Connect, discovered from ``issuer``)."""
+
+    issuer: str | None = None
+    client_id: str = ""
+    client_secret: SecretStr = SecretStr("")
+    auth_method: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
+    scopes: list[str] = ["openid", "profile", "email", "offline_access"]
+    prompt: str | None = None  # e.g. "consent": some IdPs grant offline_access (a refresh token) only then
+    claims: ClaimSettings = ClaimSettings()
+    require_verified_email: bool = True  # refuse an id_token whose email_verified is false
+    timeout: Duration = 5.0
+
+
+class SessionSigningKey(_Section):
+    kid: str = Field(min_length=1, max_length=64)
+    private_key: SecretStr  # PEM private key: RSA (>= 2048 bits, RS256) or Ed25519 (EdDSA)
+
+
+class SessionSettings(_Section):
+    lifetime: Duration = 3600.0
+    refresh_lifetime: Duration = 30 * 86400.0  # an unused refresh token is forgotten after this
+    # A refresh token used again this soon after its refresh gets the same answer: two Claude Code processes
+    # sharing one credentials file refresh at the same moment, and the slower one must not lose the session.
+    refresh_reuse_grace: Duration = 30.0
+    # The first signs, every one verifies (rotation). Empty: one is generated and kept (encrypted) in the store.
+    signing_keys: list[SessionSigningKey] = []
+
+    @field_validator("lifetime")
+    @classmethod
+    def _lifetime(cls, value: float) -> float:
+        if not 60 <= value <= 86400:
+            raise ValueError("between 1m and 24h")
+        return value
+
+
+class DeviceFlowSettings(_Section):
+    code_lifetime: Duration = 600.0
+    poll_interval: int = Field(5, ge=1, le=60)  # seconds, as RFC 8628 counts them
+
+
+class SignInLimitSettings(_Section):
+    """Per client address, per ``window`` (RFC 8628 section 5.1)."""
+
+    window: Duration = 600.0
+    device_authorizations: int = Field(30, ge=1)
+    device_posts: int = Field(10, ge=1)
+    token_requests: int = Field(600, ge=1)
+
+
+class TelemetryDestination(_Section):
+    url: str
+    headers: dict[str, SecretStr] = {}
+    signals: list[Literal["metrics", "logs", "traces"]] = ["metrics", "logs", "traces"]
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"not an http(s) URL: {value!r}")
+        return value.rstrip("/")
+
+
+class TelemetryRelaySettings(_Section):
+    """Where Claude Code's own OTLP telemetry (``/v1/metrics|logs|traces``) goes; never used for billing."""
+
+    forward_to: list[TelemetryDestination] = []
+    timeout: Duration = 10.0
+    max_in_flight: int = Field(128, ge=1)
+
+
+class SignInSettings(_Section):
+    """Claude Code's gateway sign-in (``/login`` -> Cloud gateway): device flow, IdP, Gate sessions."""
+
+    enabled: bool = False
+    public_url: str | None = None  # how people and Claude Code reach Gate; the issuer of its session tokens
+    idp: IdentityProviderSettings = IdentityProviderSettings()
+    allowed_email_domains: list[str] = []  # empty: any
+    allowed_groups: list[str] = []  # empty: any
+    session: SessionSettings = SessionSettings()
+    device: DeviceFlowSettings = DeviceFlowSettings()
+    limits: SignInLimitSettings = SignInLimitSettings()
+    telemetry: TelemetryRelaySettings = TelemetryRelaySettings()
+
+    @field_validator("public_url", mode="before")
+    @classmethod
+    def _public_url(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip().rstrip("/") or None
+            if value is not None and not re.match(r"^https?://[^/\s?#]+$", value):
+                raise ValueError(f"an origin such as https://gate.example.com, without a path (got {value!r})")
+        return value
+
+    @model_validator(mode="after")
+    def _complete(self) -> SignInSettings:
+        if self.enabled:
+            missing = [
+                name
+                for name, value in (
+                    ("sign-in.public-url", self.public_url),
+                    ("sign-in.idp.issuer", self.idp.issuer),
+                    ("sign-in.idp.client-id", self.idp.client_id),
+                )
+                if not value
+            ]
+            if missing:
+                raise ValueError(
+                    f"sign-in is enabled but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set"
+                )
+            if "openid" not in self.idp.scopes:
+                raise ValueError("sign-in.idp.scopes must include openid")
+        return self
+
+
+class PolicyMatch(_Section):
+    groups: list[str] = []
+    email_domains: list[str] = []
+
+
+class PolicySettings(_Section):
+    """What callers may do by group and e-mail domain; a policy with an empty ``match`` is the catch-all base."""
+
+    name: str = Field(min_length=1)
+    match: PolicyMatch = PolicyMatch()
+    models: list[str] | None = None  # exact ids, or prefixes ending in '*'; None: no restriction from this policy
+    managed_settings: dict[str, Any] | None = None  # Claude Code's managed-settings.json for these callers
+
+
 class GateSettings(_Section):
     """The whole configuration. ``profiles`` and ``sources`` are filled in by the loader."""
 
@@ -559,6 +724,9 @@ class GateSettings(_Section):
     prices: PricesSettings = PricesSettings()
     usage_sink: UsageSinkSettings = UsageSinkSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
+    sign_in: SignInSettings = SignInSettings()
+    store: StoreSettings = StoreSettings()
+    policies: list[PolicySettings] = []
     profiles: tuple[str, ...] = ("local",)
     sources: tuple[str, ...] = ()
 
