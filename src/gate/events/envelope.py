@@ -61,6 +61,8 @@ OPTIONAL_DATA_FIELDS = frozenset(
         "web_fetch_requests",
         "service_tier",
         "claude_code_session_id",
+        "upstream",
+        "upstream_model",
     }
 )
 _ATTRIBUTE_FIELDS = frozenset({"subject", "event_id", "time"})  # record fields that become attributes

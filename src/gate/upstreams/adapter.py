@@ -51,7 +51,7 @@ class Answer(Protocol):
     """An upstream answer whose head has arrived, as the relay reads it (``UpstreamResponse`` is one)."""
 
     status: int
-    headers: Mapping[str, str]
+    headers: CIMultiDictProxy[str]
     content_length: int | None
 
     def complete(self) -> bool: ...
@@ -245,7 +245,7 @@ class Upstreams:
             if refusing:
                 refused[adapter.name] = refusing
                 continue
-            found.append((adapter, model if served is True else served))  # type: ignore[arg-type]
+            found.append((adapter, model if served is True else served))
         if found:
             return found, None
         if refused:

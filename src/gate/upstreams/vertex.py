@@ -65,7 +65,9 @@ class GoogleTokens:
 
         try:
             if self._file:
-                self._credentials = service_account.Credentials.from_service_account_file(self._file, scopes=_SCOPES)
+                self._credentials = service_account.Credentials.from_service_account_file(  # type: ignore[no-untyped-call]
+                    self._file, scopes=_SCOPES
+                )
             else:
                 self._credentials, _project = google.auth.default(scopes=_SCOPES)
         except (DefaultCredentialsError, OSError, ValueError) as exc:
