@@ -144,6 +144,8 @@ def test_optional_fields_are_left_out_when_none_and_kept_when_set() -> None:
             time_to_first_token_ms=412,
             claude_code_session_id="sess-1",
             http_status=200,
+            upstream="vertex-east",
+            upstream_model="claude-sonnet-4-5@20250929",
         )
     )["data"]
     assert {k: data[k] for k in OPTIONAL_DATA_FIELDS} == {
@@ -155,6 +157,8 @@ def test_optional_fields_are_left_out_when_none_and_kept_when_set() -> None:
         "time_to_first_token_ms": 412,
         "claude_code_session_id": "sess-1",
         "http_status": 200,
+        "upstream": "vertex-east",
+        "upstream_model": "claude-sonnet-4-5@20250929",
     }
 
 
