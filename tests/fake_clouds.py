@@ -19,6 +19,7 @@ from typing import Any
 
 import jwt
 from aiohttp import web
+from anthropic._constants import ANTHROPIC_API_VERSION
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
@@ -27,6 +28,9 @@ from multidict import CIMultiDict
 from tests.fake_anthropic import fixture
 
 VERTEX_TOKEN_PREFIX = "ya29.fake-"
+# The clouds' documented versions, and the one the installed SDK's AnthropicVertex / AnthropicBedrock send.
+VERTEX_VERSIONS = {"vertex-2023-10-16", ANTHROPIC_API_VERSION}
+BEDROCK_VERSIONS = {"bedrock-2023-05-31", ANTHROPIC_API_VERSION}
 AWS_ACCESS_KEY = "AKIDEXAMPLEGATE00001"
 AWS_SECRET_KEY = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 BEDROCK_API_KEY = "bedrock-api-key-test-0001"
@@ -137,8 +141,10 @@ class _Fake:
         self.received.append(seen)
         return seen
 
-    async def _write(self, request: web.Request, payload: bytes, content_type: str) -> web.StreamResponse:
-        response = web.StreamResponse(status=200, headers={"content-type": content_type})
+    async def _write(
+        self, request: web.Request, payload: bytes, content_type: str, headers: dict[str, str] | None = None
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(status=200, headers={"content-type": content_type, **(headers or {})})
         await response.prepare(request)
         position = 0
         for size in self.cuts or []:
@@ -170,8 +176,12 @@ class FakeGoogleToken(_Fake):
         if form.get("grant_type") != "urn:ietf:params:oauth:grant-type:jwt-bearer":
             return web.json_response({"error": "unsupported_grant_type"}, status=400)
         try:
+            # google-auth always names Google's own endpoint as the audience, wherever token_uri points
             claims = jwt.decode(
-                str(form.get("assertion")), self.public_key, algorithms=["RS256"], audience=self.url + "/token"
+                str(form.get("assertion")),
+                self.public_key,
+                algorithms=["RS256"],
+                audience="https://oauth2.googleapis.com/token",
             )
         except jwt.PyJWTError as exc:
             return web.json_response({"error": "invalid_grant", "error_description": str(exc)}, status=400)
@@ -209,7 +219,7 @@ class FakeVertex(_Fake):
             status = self.fail.popleft()
             return self._google_error(status, "Quota exceeded or service unavailable.", "UNAVAILABLE")
         body = seen.json
-        if body.get("anthropic_version") != "vertex-2023-10-16":
+        if body.get("anthropic_version") not in VERTEX_VERSIONS:
             return self._google_error(400, "anthropic_version must be vertex-2023-10-16", "INVALID_ARGUMENT")
         model, _, method = seen.path[len(self.prefix) :].rpartition(":")
         if model == "count-tokens" and method == "rawPredict":
@@ -280,10 +290,13 @@ class FakeBedrock(_Fake):
             )
         if self.fail:
             status = self.fail.popleft()
-            return self._aws_error(status, "ThrottlingException" if status == 429 else "ServiceUnavailableException",
-                                   "Too many requests, please wait before trying again.")
+            return self._aws_error(
+                status,
+                "ThrottlingException" if status == 429 else "ServiceUnavailableException",
+                "Too many requests, please wait before trying again.",
+            )
         body = seen.json
-        if body.get("anthropic_version") != "bedrock-2023-05-31" or "model" in body or "stream" in body:
+        if body.get("anthropic_version") not in BEDROCK_VERSIONS or "model" in body or "stream" in body:
             return self._aws_error(400, "ValidationException", "Malformed input request")
         _model, operation = path[len("/model/") :].rsplit("/", 1)
         headers = {"x-amzn-requestid": "bedrock-req-0001"}
@@ -291,7 +304,7 @@ class FakeBedrock(_Fake):
             return web.Response(body=fixture("message-basic.json"), content_type="application/json", headers=headers)
         if operation == "invoke-with-response-stream":
             payload, self.stream_body = self.stream_body or bedrock_stream(fixture("stream-tool-use.sse")), None
-            response = await self._write(request, payload, "application/vnd.amazon.eventstream")
+            response = await self._write(request, payload, "application/vnd.amazon.eventstream", headers)
             return response
         return self._aws_error(404, "UnknownOperationException", "Unknown operation")
 

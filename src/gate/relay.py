@@ -162,7 +162,8 @@ class _UpstreamCall:
 
     def answered(self, upstream: Answer) -> None:
         self.http_status = upstream.status
-        self.request_id = upstream.headers.get(self.request_id_header)
+        # a translated answer names it ``request-id`` already; a cloud's own answer by its own header
+        self.request_id = upstream.headers.get("request-id") or upstream.headers.get(self.request_id_header)
 
     def end(self, status: str, error_type: str | None) -> None:
         """The attempt's outcome: record it, once."""

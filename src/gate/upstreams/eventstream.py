@@ -51,17 +51,28 @@ class SseTranslator:
     def __init__(self) -> None:
         self._frames = _Frames()
         self.pending = 0  # bytes of an unfinished frame
+        self._broken: ClientError | None = None
 
     def feed(self, data: bytes) -> bytes:
+        """The SSE of every frame completed by ``data``. A bad frame raises ``ClientError``, after the events of the
+        good frames before it have been returned (on the next call, then)."""
+        if self._broken is not None:
+            raise self._broken
         self._frames.add_data(data)
         out: list[bytes] = []
         try:
             for message in self._frames:
                 out.append(_to_sse(message.headers, message.payload))
         except (ParserError, ValueError, binascii.Error) as exc:
-            raise ClientError(f"malformed event-stream frame: {type(exc).__name__}") from None
+            self._broken = ClientError(f"malformed event-stream frame: {type(exc).__name__}")
+            if not out:
+                raise self._broken from None
         self.pending = len(self._frames._data)
         return b"".join(out)
+
+    @property
+    def broken(self) -> bool:
+        return self._broken is not None
 
 
 def _to_sse(headers: Mapping[str, Any], payload: bytes) -> bytes:
@@ -107,6 +118,8 @@ class EventStreamAnswer:
 
     async def readany(self) -> bytes:
         while True:
+            if self._translator.broken:  # the good frames before a bad one went out on the last read
+                raise ClientError("malformed event-stream frame")
             chunk = await self._response.readany()
             if not chunk:
                 if self._translator.pending:
