@@ -433,3 +433,41 @@ def test_health_has_a_component_per_upstream(start_gate: StartGate, cloud: Cloud
     assert set(parts) == {"bedrock-west", "vertex-east"}
     assert parts["bedrock-west"]["status"] == "UP" and parts["bedrock-west"]["details"]["type"] == "bedrock"
     assert AWS_SECRET_KEY not in json.dumps(health)
+
+
+def test_vertex_token_is_refreshed_before_it_expires(start_gate: StartGate, cloud: Clouds) -> None:
+    cloud.tokens.expires_in = 120  # inside google-auth's refresh margin (3 min 45 s): stale as soon as issued
+    try:
+        gate = start_gate(upstreams=[vertex(cloud)])
+        issued = len(cloud.tokens.issued)
+        sdk(gate).messages.create(**MESSAGE)
+        sdk(gate).messages.create(**MESSAGE)
+        assert len(cloud.tokens.issued) == issued + 2
+        assert cloud.vertex.received[-1].headers["authorization"] == f"Bearer {cloud.tokens.issued[-1]}"
+    finally:
+        cloud.tokens.expires_in = 3600
+
+
+def test_bedrock_credentials_from_the_standard_aws_chain(
+    start_gate: StartGate, cloud: Clouds, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", AWS_ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET_KEY)
+    entry = bedrock(cloud)
+    del entry["access-key-id"], entry["secret-access-key"]
+    gate = start_gate(upstreams=[entry])
+    signed = cloud.bedrock.signed
+    assert sdk(gate).messages.create(**MESSAGE).usage.output_tokens == 6
+    assert cloud.bedrock.signed == signed + 1
+
+
+def test_an_open_breaker_sends_calls_to_the_next_upstream(start_gate: StartGate, cloud: Clouds) -> None:
+    breaker = {"minimum-number-of-calls": 1, "sliding-window-size": 1, "wait-duration-in-open-state": "1h"}
+    gate = start_gate(upstreams=[bedrock(cloud, **{"circuit-breaker": breaker}), vertex(cloud)])
+    cloud.bedrock.fail.append(500)
+    sdk(gate).messages.create(**MESSAGE)  # bedrock fails (its breaker opens), vertex answers
+    sdk(gate).messages.create(**MESSAGE)  # bedrock is not even tried
+    assert len(cloud.bedrock.received) == 1 and len(cloud.vertex.received) == 2
+    health = httpx.get(gate.url + "/actuator/health", timeout=5).json()["components"]["upstreams"]
+    assert health["status"] == "UP" and health["components"]["bedrock-west"]["status"] == "DOWN"
+    assert [d["upstream"] for d in usage(gate, 3)] == ["bedrock-west", "vertex-east", "vertex-east"]

@@ -146,6 +146,7 @@ class Adapter:
     routes: frozenset[str] = frozenset({MESSAGES, COUNT_TOKENS})
     keys: KeyPool | None = None  # only the anthropic upstream rotates company keys
     request_id_header = "request-id"  # the header of an answer that names the call to the upstream's support
+    anthropic_format = True  # the upstream takes Anthropic's own paths and bodies
 
     def __init__(self, settings: UpstreamSettings, api: AnthropicApiSettings, breaker: CircuitBreaker) -> None:
         self.name = settings.name
@@ -181,6 +182,10 @@ class Adapter:
         if route not in self.routes:
             return False
         if route in (MESSAGES, COUNT_TOKENS):
+            if model is None:
+                # Anthropic's wire format carries the body as it is (upstream answers the missing model); a cloud
+                # puts the model in its URL, so it cannot take the call at all.
+                return self.anthropic_format
             mapped = self.models.lookup(model)
             return False if mapped is None else mapped
         return True

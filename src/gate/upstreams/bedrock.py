@@ -39,6 +39,7 @@ _REQUEST_ID = "x-amzn-requestid"
 
 class BedrockAdapter(Adapter):
     kind = "bedrock"
+    anthropic_format = False
     routes = frozenset({MESSAGES})  # Bedrock's CountTokens takes another body shape: not offered (yet)
     request_id_header = _REQUEST_ID
 

@@ -98,6 +98,7 @@ class GoogleTokens:
 
 class VertexAdapter(Adapter):
     kind = "vertex"
+    anthropic_format = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
