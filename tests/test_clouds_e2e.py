@@ -471,3 +471,25 @@ def test_an_open_breaker_sends_calls_to_the_next_upstream(start_gate: StartGate,
     health = httpx.get(gate.url + "/actuator/health", timeout=5).json()["components"]["upstreams"]
     assert health["status"] == "UP" and health["components"]["bedrock-west"]["status"] == "DOWN"
     assert [d["upstream"] for d in usage(gate, 3)] == ["bedrock-west", "vertex-east", "vertex-east"]
+
+
+@pytest.mark.claude_code
+def test_claude_code_through_gate_to_bedrock_failing_over_to_vertex(
+    start_gate: StartGate, cloud: Clouds, tmp_path: Path
+) -> None:
+    from tests.test_claude_code import run_claude
+
+    any_model_bedrock = {**bedrock(cloud), "models": {}}  # every model, under its own id
+    any_model_vertex = {**vertex(cloud), "models": {}}
+    gate = start_gate(upstreams=[any_model_bedrock, any_model_vertex])
+    cloud.bedrock.fail.extend([503] * 20)  # every Bedrock call of this session fails: Vertex answers them
+    result = run_claude(gate, tmp_path, {"ANTHROPIC_AUTH_TOKEN": gate.token("claude-user")})
+    assert result.returncode == 0, f"claude failed: {result.stdout[-2000:]} {result.stderr[-2000:]}"
+    assert "Hello!" in result.stdout
+    streamed = [r for r in cloud.vertex.received if r.path.endswith(":streamRawPredict")]
+    assert streamed, "Claude Code's streamed call did not reach Vertex"
+    assert all("anthropic_beta" in r.json for r in streamed)  # Claude Code's betas, carried in the body
+    assert len(cloud.bedrock.received) == len(cloud.vertex.received)  # each call tried Bedrock first
+    events = read_events(Path(gate.settings.usage.file.path), 2 * len(cloud.vertex.received))
+    assert {e["subject"] for e in events} == {"claude-user"}
+    assert {e["data"]["upstream"] for e in events if e["data"]["status"] == "success"} == {"vertex-east"}

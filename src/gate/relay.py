@@ -216,7 +216,6 @@ class Relay:
         self._auth = auth
         self._events = events
         self._telemetry = telemetry
-        self._default_version = api.default_version
         self._connect_attempts = api.retry.connect_attempts
         self._key_attempts = api.retry.key_attempts
         self._headers_timeout = api.timeouts.response_headers
@@ -441,7 +440,7 @@ class Relay:
             call.end("error", "api_error")  # nothing was sent: no credentials to send it with
             self._judge(attempts, failed=True, duration=perf_counter() - sent)
             log.warning("upstream %s unavailable: %s", upstream.name, exc)
-            return self._give_up(attempts, error_response(502, "The gateway could not call its upstream."))
+            return self._give_up(attempts, error_response(502, f"The gateway could not call {upstream.label}."))
         except ConnectError as exc:
             # No connection, so nothing reached upstream: safe to try again, on the same key (it is not at fault).
             timed_out = isinstance(exc, ConnectTimeout)
@@ -454,19 +453,20 @@ class Relay:
             self._judge(attempts, failed=True, duration=perf_counter() - sent)
             log.warning("upstream %s unreachable: %s", upstream.name, type(exc).__name__)
             if timed_out:
-                return self._give_up(attempts, error_response(504, "The gateway could not connect upstream in time."))
-            return self._give_up(attempts, error_response(502, "The gateway could not reach its upstream."))
+                message = f"The gateway could not connect to {upstream.label} in time."
+                return self._give_up(attempts, error_response(504, message))
+            return self._give_up(attempts, error_response(502, f"The gateway could not reach {upstream.label}."))
         except TimeoutError:
             call.end("error", "timeout_error")
             self._judge(attempts, failed=True, duration=perf_counter() - sent)
-            return self._give_up(attempts, error_response(504, "The upstream did not answer in time."))
+            return self._give_up(attempts, error_response(504, f"{upstream.label} did not answer in time."))
         except ClientError as exc:
             # The request may have reached upstream (a dropped connection, a malformed answer): never resent to
             # the same upstream; another one may still answer while the client has nothing.
             call.end("error", "api_error")
             self._judge(attempts, failed=True, duration=perf_counter() - sent)
             log.warning("upstream %s call failed before its answer: %s", upstream.name, type(exc).__name__)
-            return self._give_up(attempts, error_response(502, "The gateway could not reach its upstream."))
+            return self._give_up(attempts, error_response(502, f"The gateway could not reach {upstream.label}."))
         finally:
             exchange.upstream_wait += perf_counter() - sent
         waited = perf_counter() - sent
@@ -582,7 +582,9 @@ class Relay:
                 timed_out = exc.error_type == "timeout_error"  # nothing reached the client yet: a clean answer
                 response = error_response(
                     504 if timed_out else 502,
-                    "Anthropic stopped answering in time." if timed_out else "The connection to Anthropic broke.",
+                    f"{attempts.upstream.label} stopped answering in time."
+                    if timed_out
+                    else f"The connection to {attempts.upstream.label} broke.",
                 )
             else:
                 response = _cut_off(request, exc.response)  # end it truncated, as a dropped connection would

@@ -197,6 +197,11 @@ class Adapter:
         return [beta for beta in betas if beta not in self.betas]
 
     @property
+    def label(self) -> str:
+        """How answers to the client name this upstream."""
+        return "Anthropic" if self.kind == "anthropic" else f"upstream {self.name}"
+
+    @property
     def configured(self) -> bool:
         """Whether this upstream has credentials to call with."""
         return True
