@@ -471,6 +471,8 @@ def test_an_open_breaker_sends_calls_to_the_next_upstream(start_gate: StartGate,
     health = httpx.get(gate.url + "/actuator/health", timeout=5).json()["components"]["upstreams"]
     assert health["status"] == "UP" and health["components"]["bedrock-west"]["status"] == "DOWN"
     assert [d["upstream"] for d in usage(gate, 3)] == ["bedrock-west", "vertex-east", "vertex-east"]
+    metrics = httpx.get(gate.url + "/actuator/prometheus", timeout=5).text
+    assert 'gate_upstream="vertex-east"' in metrics  # token usage per upstream
 
 
 @pytest.mark.claude_code

@@ -262,6 +262,8 @@ class Upstreams:
             named = "; ".join(f"{name}: {', '.join(values)}" for name, values in refused.items())
             return [], f"anthropic-beta not available on any upstream that serves this model ({named})."
         if route in (MESSAGES, COUNT_TOKENS):
+            if not any(route in adapter.routes for adapter in self.adapters):
+                return [], f"{route} is not offered by this gateway's upstreams."
             return [], f"model: {model!r} is not served by this gateway." if model else "model: is required."
         return [], None
 
