@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import logging
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import orjson
 from multidict import CIMultiDict, CIMultiDictProxy, istr
@@ -45,6 +46,7 @@ COUNT_TOKENS = "/v1/messages/count_tokens"
 _ANTHROPIC_BETA = istr("anthropic-beta")
 _CONTENT_TYPE = istr("content-type")
 _REQUEST_ID = istr("request-id")
+_MAX_ERROR_BODY = 64 * 1024
 
 
 class Answer(Protocol):
@@ -155,7 +157,7 @@ class Adapter:
         self.models = ModelMap(settings.models)
         self.betas = None if settings.betas is None else frozenset(settings.betas)
         self.base_url = settings.endpoint() if settings.type != "anthropic" else (settings.base_url or api.base_url)
-        self.server_address = Pool(self.base_url, limit=0, connect_timeout=1).host
+        self.server_address = urlsplit(self.base_url).hostname or ""
         self._api = api
         self._pool: Pool | None = None
 
@@ -235,7 +237,7 @@ class Upstreams:
             raise ValueError("at least one upstream")
         self.adapters = adapters
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[Adapter]:
         return iter(self.adapters)
 
     def __len__(self) -> int:
@@ -293,7 +295,10 @@ class TranslatedError:
         if self._done:
             return b""
         self._done = True
-        return anthropic_error_body(self.status, await self._response.read())
+        body = b""
+        while len(body) <= _MAX_ERROR_BODY and (chunk := await self._response.readany()):
+            body += chunk  # an error body larger than this is not an error message: its rest is not read
+        return anthropic_error_body(self.status, body[: _MAX_ERROR_BODY + 1])
 
     async def readany(self) -> bytes:
         return await self.read()

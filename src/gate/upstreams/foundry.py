@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from multidict import istr
 
@@ -27,8 +28,8 @@ _AUTHORIZATION = istr("authorization")
 class FoundryAdapter(Adapter):
     kind = "foundry"
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         settings = self.settings
         self._api_key = settings.api_key.get_secret_value().strip() if settings.api_key else ""
         self._token = settings.token.get_secret_value().strip() if settings.token else ""
