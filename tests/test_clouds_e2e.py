@@ -495,3 +495,20 @@ def test_claude_code_through_gate_to_bedrock_failing_over_to_vertex(
     events = read_events(Path(gate.settings.usage.file.path), 2 * len(cloud.vertex.received))
     assert {e["subject"] for e in events} == {"claude-user"}
     assert {e["data"]["upstream"] for e in events if e["data"]["status"] == "success"} == {"vertex-east"}
+
+
+def test_a_stream_that_breaks_before_its_first_byte_fails_over(start_gate: StartGate, cloud: Clouds) -> None:
+    gate = start_gate(upstreams=[bedrock(cloud), vertex(cloud)])
+    frames = bytearray(bedrock_stream(fixture("stream-tool-use.sse")))
+    frames[20] ^= 0xFF  # the first frame is corrupt: nothing can reach the client from Bedrock
+    cloud.bedrock.stream_body = bytes(frames)
+    response = stream_bytes(gate, {**MESSAGE, "stream": True})
+    assert response.status_code == 200 and response.content == fixture("stream-basic.sse")
+    first, second = usage(gate, 2)
+    assert (first["upstream"], first["status"], first["error_type"], first["http_status"]) == (
+        "bedrock-west",
+        "error",
+        "api_error",
+        200,
+    )
+    assert (second["upstream"], second["status"], second["output_tokens"]) == ("vertex-east", "success", 15)

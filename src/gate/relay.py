@@ -556,8 +556,9 @@ class Relay:
         upstream: Answer,
         attempts: _Attempts,
         call: _UpstreamCall,
-    ) -> StreamResponse:
-        """Send upstream's answer to the client as it arrives, and end ``call`` by how that went."""
+    ) -> StreamResponse | _FailOver:
+        """Send upstream's answer to the client as it arrives, and end ``call`` by how that went. An answer that
+        breaks before its first byte reached the client may still fail over to the next upstream."""
         status = upstream.status
         meter = (
             UsageMeter(
@@ -570,6 +571,7 @@ class Relay:
         length = upstream.content_length
         outcome, error_type = ("success" if status < 400 else "error"), None
         response: StreamResponse
+        fail_over = False
         try:
             if length is not None and length <= _MAX_BUFFERED_BODY:
                 response = await self._relay_whole(exchange, upstream, meter)
@@ -586,6 +588,8 @@ class Relay:
                     if timed_out
                     else f"The connection to {attempts.upstream.label} broke.",
                 )
+                fail_over = attempts.can_fail_over
+                exchange.response = None  # never sent: the next upstream's answer is the client's
             else:
                 response = _cut_off(request, exc.response)  # end it truncated, as a dropped connection would
         except _ClientStalled as exc:
@@ -609,7 +613,7 @@ class Relay:
             if status < 400 and error_type in _UPSTREAM_FAULTS:
                 attempts.upstream.breaker.record_late_failure(attempts.permit)
             call.end(outcome, error_type)
-        return response
+        return _FailOver(response) if fail_over else response
 
     async def _relay_whole(self, exchange: _Exchange, upstream: Answer, meter: UsageMeter | None) -> StreamResponse:
         started = perf_counter()
