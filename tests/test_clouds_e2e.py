@@ -512,3 +512,16 @@ def test_a_stream_that_breaks_before_its_first_byte_fails_over(start_gate: Start
         200,
     )
     assert (second["upstream"], second["status"], second["output_tokens"]) == ("vertex-east", "success", 15)
+
+
+def test_credentials_that_cannot_be_loaded_stop_the_start(cloud: Clouds, tmp_path: Path) -> None:
+    from gate.settings import ConfigError
+    from tests.harness import gate_settings
+
+    missing = vertex(cloud, **{"credentials-file": str(tmp_path / "nope.json")})
+    running = RunningGate(gate_settings(tmp_path, "http://127.0.0.1:9", upstreams=[missing]))
+    try:
+        with pytest.raises(ConfigError, match="upstreams: vertex-east: no Google credentials from credentials-file"):
+            running.start()
+    finally:
+        running.bg.close()

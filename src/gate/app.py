@@ -23,8 +23,8 @@ from gate.ops.health import Health
 from gate.ops.logs import flush_access_log
 from gate.ops.telemetry import Telemetry
 from gate.relay import Relay
-from gate.settings import GateSettings, UpstreamSettings
-from gate.upstreams.adapter import Adapter, Upstreams
+from gate.settings import ConfigError, GateSettings, UpstreamSettings
+from gate.upstreams.adapter import Adapter, Upstreams, UpstreamUnavailable
 from gate.upstreams.anthropic import AnthropicAdapter, Upstream
 from gate.upstreams.breaker import CircuitBreaker
 from gate.upstreams.keys import KeyPool
@@ -181,7 +181,10 @@ class Gate:
     async def start(self) -> None:
         await self.upstream.start()
         for adapter in self.upstreams:
-            await adapter.start()  # credentials are loaded here: a missing one stops the start, named
+            try:
+                await adapter.start()  # credentials are loaded here: a missing one stops the start, named
+            except UpstreamUnavailable as exc:
+                raise ConfigError(f"upstreams: {adapter.name}: {exc}") from None
         await self.auth.start()
         await self.events.start()
         if not self.keys and any(a.kind == "anthropic" for a in self.upstreams):

@@ -90,7 +90,7 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(logging_settings.format, logging_settings.level)
     try:
         run(settings)
-    except OSError as exc:  # the port is taken, the data directory is read-only...: say so, no traceback
+    except (OSError, ConfigError) as exc:  # the port is taken, an upstream has no credentials...: no traceback
         sys.stderr.write(f"gate: cannot start: {exc}\n")
         return 1
     return 0
