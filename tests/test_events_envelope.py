@@ -145,6 +145,8 @@ def test_optional_fields_are_left_out_when_none_and_kept_when_set() -> None:
             claude_code_session_id="sess-1",
             http_status=200,
             groups=["eng", "admins"],
+            upstream="vertex-east",
+            upstream_model="claude-sonnet-4-5@20250929",
         )
     )["data"]
     assert {k: data[k] for k in OPTIONAL_DATA_FIELDS} == {
@@ -157,6 +159,8 @@ def test_optional_fields_are_left_out_when_none_and_kept_when_set() -> None:
         "claude_code_session_id": "sess-1",
         "http_status": 200,
         "groups": ["eng", "admins"],
+        "upstream": "vertex-east",
+        "upstream_model": "claude-sonnet-4-5@20250929",
     }
 
 

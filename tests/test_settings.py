@@ -590,3 +590,84 @@ def test_the_rabbitmq_sink_refuses_a_url_it_cannot_use(url: str) -> None:
     usage = usage.model_copy(update={"rabbitmq": usage.rabbitmq.model_copy(update={"url": SecretStr(url)})})
     with pytest.raises(ConfigError, match=r"^usage\.rabbitmq\.url: not an? "):
         RabbitMQSink(usage)
+
+
+# ------------------------------------------------------------------------------------------------ upstreams
+
+
+def test_no_upstreams_is_the_single_anthropic_upstream_of_anthropic_api(tmp_path: Path) -> None:
+    settings = load_settings(env={}, config_dir=tmp_path)
+    [only] = settings.effective_upstreams
+    assert (only.name, only.type, only.models, only.circuit_breaker) == ("anthropic", "anthropic", {}, None)
+
+
+def test_upstreams_from_yaml_and_env_with_public_endpoints(tmp_path: Path) -> None:
+    config = tmp_path / "clouds.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "upstreams": [
+                    {"name": "anthropic", "type": "anthropic"},
+                    {"name": "vertex", "type": "vertex", "project-id": "p", "region": "global"},
+                    {"name": "bedrock", "type": "bedrock", "region": "eu-west-1"},
+                    {"name": "foundry", "type": "foundry", "resource": "acme", "api-key": "k"},
+                ]
+            }
+        )
+    )
+    env = {"UPSTREAMS_1_REGION": "europe-west1", "UPSTREAMS_3_APIKEY": "from-env"}
+    settings = load_settings(config_files=[str(config)], env=env, config_dir=tmp_path)
+    _, vertex, bedrock, foundry = settings.upstreams
+    assert vertex.endpoint() == "https://europe-west1-aiplatform.googleapis.com"
+    assert bedrock.endpoint() == "https://bedrock-runtime.eu-west-1.amazonaws.com"
+    assert foundry.endpoint() == "https://acme.services.ai.azure.com/anthropic"
+    assert foundry.api_key is not None and foundry.api_key.get_secret_value() == "from-env"
+    assert "from-env" not in str(settings.masked())
+    global_vertex = load_settings(
+        env={},
+        config_dir=tmp_path,
+        overrides={"upstreams": [{"name": "v", "type": "vertex", "project-id": "p", "region": "global"}]},
+    )
+    assert global_vertex.upstreams[0].endpoint() == "https://aiplatform.googleapis.com"
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"name": "x", "type": "azure"}, "upstreams[0].type: Input should be"),
+        ({"name": "x", "type": "vertex", "region": "us-east5"}, "needs project-id"),
+        ({"name": "x", "type": "bedrock"}, "needs region"),
+        ({"name": "x", "type": "bedrock", "region": "r", "access-key-id": "AKID"}, "go together"),
+        ({"name": "x", "type": "foundry", "resource": "r"}, "needs api-key, token or token-file"),
+        (
+            {"name": "x", "type": "foundry", "api-key": "k", "base-url": "ftp://x"},
+            "upstreams[0].base-url: Value error, not an http(s) URL",
+        ),
+        (
+            {"name": "x", "type": "vertex", "project-id": "p", "region": "r", "models": {"a*b": "c"}},
+            "only a trailing *",
+        ),
+        ({"name": "bad name", "type": "anthropic"}, "upstreams[0].name"),
+    ],
+)
+def test_bad_upstreams_are_refused_naming_key_and_source(tmp_path: Path, entry: dict[str, Any], message: str) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump({"upstreams": [entry]}))
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config_files=[str(config)], env={}, config_dir=tmp_path)
+    assert message in str(caught.value) and f"[from {config}]" in str(caught.value)
+    assert "AKID" not in str(caught.value)
+
+
+def test_upstream_names_are_unique_and_one_anthropic_at_most(tmp_path: Path) -> None:
+    twice = {
+        "upstreams": [
+            {"name": "a", "type": "anthropic"},
+            {"name": "a", "type": "foundry", "resource": "r", "api-key": "k"},
+        ]
+    }
+    with pytest.raises(ConfigError, match="repeated: a"):
+        load_settings(env={}, config_dir=tmp_path, overrides=twice)
+    two = {"upstreams": [{"name": "a", "type": "anthropic"}, {"name": "b", "type": "anthropic"}]}
+    with pytest.raises(ConfigError, match="at most one anthropic upstream"):
+        load_settings(env={}, config_dir=tmp_path, overrides=two)

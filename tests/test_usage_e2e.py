@@ -58,6 +58,7 @@ MESSAGE: dict[str, Any] = {
     "messages": [{"role": "user", "content": "Hello"}],
 }
 ENVELOPE_KEYS = {"specversion", "id", "type", "source", "subject", "time", "datacontenttype", "data"}
+REQUESTED_MODELS = {"claude-opus-4-6", "claude-sonnet-4-5-20250929"}  # what the tests ask for
 
 
 def unique(prefix: str) -> str:
@@ -243,6 +244,7 @@ def usage_data(
     **reported: Any,
 ) -> dict[str, Any]:
     """The ``data`` Gate must publish, minus latency_ms, trace_id and time_to_first_token_ms (checked apart)."""
+    reported.setdefault("upstream", "anthropic")  # the single upstream built from anthropic.api
     return {
         "model": model,
         "message_id": message_id,
@@ -293,6 +295,8 @@ def check_event(
     cost, price_version = data.pop("cost", None), data.pop("price_version", None)
     assert (cost is None) == (price_version is None)
     assert cost is None or re.fullmatch(r"\d+(\.\d+)?", cost), cost
+    if "upstream_model" not in expected:  # the model the client asked for, sent to Anthropic unchanged
+        assert data.pop("upstream_model") in REQUESTED_MODELS
     assert data == expected
 
 

@@ -29,8 +29,9 @@ from gate.policy.groups import PolicyBook
 from gate.policy.managed import ManagedSettings
 from gate.policy.models import ModelPolicy
 from gate.relay import Relay
-from gate.settings import GateSettings
-from gate.upstreams.anthropic import Upstream
+from gate.settings import ConfigError, GateSettings, UpstreamSettings
+from gate.upstreams.adapter import Adapter, Upstreams, UpstreamUnavailable
+from gate.upstreams.anthropic import AnthropicAdapter, Upstream
 from gate.upstreams.breaker import CircuitBreaker
 from gate.upstreams.keys import KeyPool
 from gate.upstreams.probe import KeyProber
@@ -68,7 +69,8 @@ class Gate:
     auth: Authenticator = field(init=False)
     keys: KeyPool = field(init=False)
     prober: KeyProber = field(init=False)
-    breaker: CircuitBreaker = field(init=False)
+    breaker: CircuitBreaker = field(init=False)  # the first upstream's
+    upstreams: Upstreams = field(init=False)
     prices: PriceTable = field(init=False)
     events: UsageEvents = field(init=False)
     health: Health = field(init=False)
@@ -96,9 +98,8 @@ class Gate:
             timeout=min(api.timeouts.response_headers, 30.0),
         )
         self.keys.on_quarantine = self.prober.watch
-        self.breaker = CircuitBreaker(
-            s.resilience.circuit_breaker, on_state_change=lambda old, new: telemetry.on_breaker_change(old, new)
-        )
+        self.upstreams = Upstreams([self._adapter(u, first=i == 0) for i, u in enumerate(s.effective_upstreams)])
+        self.breaker = self.upstreams.adapters[0].breaker
         telemetry.set_breaker_state_source(lambda: str(self.breaker.state))
         self.prices = PriceTable.from_settings(s.prices)
         self.events = UsageEvents(s.usage, prices=self.prices)
@@ -119,14 +120,36 @@ class Gate:
             self.signin = SignIn(s.sign_in, open_store(s.store), self.auth, leeway=s.security.jwt.leeway)
         self.relay = Relay(
             s,
-            upstream=self.upstream,
+            upstreams=self.upstreams,
             auth=self.auth,
-            keys=self.keys,
-            breaker=self.breaker,
             events=self.events,
             telemetry=telemetry,
             policy=ModelPolicy(book) if book.restricts_models else None,
         )
+
+    def _adapter(self, settings: UpstreamSettings, *, first: bool) -> Adapter:
+        """One upstream of ``upstreams`` (or the single anthropic one), with its own breaker."""
+        s = self.settings
+        assert self.telemetry is not None
+        telemetry = self.telemetry
+        breaker = CircuitBreaker(
+            settings.circuit_breaker or s.resilience.circuit_breaker,
+            # the state gauge and transitions counter follow the first upstream (the only one, by default)
+            on_state_change=(lambda old, new: telemetry.on_breaker_change(old, new)) if first else None,
+        )
+        if settings.type == "anthropic":
+            return AnthropicAdapter(settings, s.anthropic.api, breaker, upstream=self.upstream, keys=self.keys)
+        if settings.type == "vertex":
+            from gate.upstreams.vertex import VertexAdapter
+
+            return VertexAdapter(settings, s.anthropic.api, breaker)
+        if settings.type == "bedrock":
+            from gate.upstreams.bedrock import BedrockAdapter
+
+            return BedrockAdapter(settings, s.anthropic.api, breaker)
+        from gate.upstreams.foundry import FoundryAdapter
+
+        return FoundryAdapter(settings, s.anthropic.api, breaker)
 
     # ------------------------------------------------------------------------------------------- HTTP
 
@@ -199,20 +222,25 @@ class Gate:
 
     async def start(self) -> None:
         await self.upstream.start()
+        for adapter in self.upstreams:
+            try:
+                await adapter.start()  # credentials are loaded here: a missing one stops the start, named
+            except UpstreamUnavailable as exc:
+                raise ConfigError(f"upstreams: {adapter.name}: {exc}") from None
         await self.auth.start()
         if self.signin is not None:
             await self.signin.start()
         await self.otlp.start()
         await self.events.start()
-        if not self.keys:
+        if not self.keys and any(a.kind == "anthropic" for a in self.upstreams):
             log.warning("no Anthropic API key is configured: /v1/* answers 503 until one is (see README)")
 
     def announce_ready(self) -> None:
         """The "ready" line: logged once every port is bound, never before."""
         log.info(
-            "gate %s ready: upstream %s, %d key(s), usage publisher %s, profiles %s",
+            "gate %s ready: upstreams %s, %d key(s), usage publisher %s, profiles %s",
             __version__,
-            self.settings.anthropic.api.base_url,
+            ", ".join(f"{a.name} ({a.kind}, {a.server_address})" for a in self.upstreams),
             len(self.keys),
             self.settings.usage.publisher,
             ",".join(self.settings.profiles),
@@ -228,6 +256,8 @@ class Gate:
         await self.auth.close()
         await self.prober.close()
         await self.upstream.close()
+        for adapter in self.upstreams:
+            await adapter.close()
         assert self.telemetry is not None
         await self.telemetry.shutdown()
 

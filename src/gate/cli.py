@@ -170,7 +170,7 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(logging_settings.format, logging_settings.level)
     try:
         return run(settings)
-    except OSError as exc:  # the port is taken, the data directory is read-only...: say so, no traceback
+    except (OSError, ConfigError) as exc:  # the port is taken, an upstream has no credentials...: no traceback
         sys.stderr.write(f"gate: cannot start: {exc}\n")
         return 1
     except StartupError as exc:  # a worker could not start: one line for all of them

@@ -1,4 +1,5 @@
-"""The proxied routes: authenticate, pick a key, ask the breaker, call Anthropic, relay the bytes back.
+"""The proxied routes: authenticate, pick an upstream (failing over down the list before the first byte), pick a
+key, ask that upstream's breaker, call it, relay the bytes back.
 
 The response reaches the client chunk by chunk as upstream sends it, tapped by the usage meter on the way; every
 upstream call of ``/v1/messages`` ends in exactly one usage record, whatever happens (errors, timeouts, a client
@@ -22,7 +23,7 @@ from multidict import istr
 from gate.accounting.usage import UsageMeter, UsageRecord, filter_accept_encoding
 from gate.events import UsageEvents
 from gate.events.envelope import rfc3339_millis
-from gate.http.client import ClientError, ConnectError, ConnectTimeout, UpstreamResponse
+from gate.http.client import ClientError, ConnectError, ConnectTimeout
 from gate.http.server import BadBody, BodyTooLarge, Request, Response, StreamResponse
 from gate.identity.auth import Authenticator, AuthError, www_authenticate
 from gate.ops.errors import error_response, error_type_for
@@ -30,9 +31,10 @@ from gate.ops.logs import access_line
 from gate.ops.telemetry import Telemetry
 from gate.policy.models import ModelPolicy
 from gate.settings import GateSettings
-from gate.upstreams.anthropic import Upstream, request_headers, response_headers
-from gate.upstreams.breaker import CircuitBreaker, CircuitOpenError, Permit
-from gate.upstreams.keys import Key, KeyPool, NoKeyAvailable
+from gate.upstreams.adapter import Adapter, Answer, Outgoing, Upstreams, UpstreamUnavailable, beta_values
+from gate.upstreams.anthropic import response_headers
+from gate.upstreams.breaker import CircuitOpenError, Permit
+from gate.upstreams.keys import Key, NoKeyAvailable
 
 __all__ = ["Relay"]
 
@@ -45,11 +47,13 @@ _CONTENT_TYPE = istr("content-type")
 _CONTENT_ENCODING = istr("content-encoding")
 _CONTENT_LENGTH = istr("content-length")
 _RETRY_AFTER = istr("retry-after")
-_REQUEST_ID = istr("request-id")
 _SESSION_ID = istr("x-claude-code-session-id")
 # Answers about the key rather than the request: retried on another key. A 403 (``permission_error``) is about
 # the request, say a model the organisation lacks, and reaches the client unchanged.
 _KEY_TROUBLE = frozenset({401, 429})
+# Answers after which the next upstream that serves the model is tried (before the client has a byte), as
+# Anthropic's own gateway does; 5xx is any status from 500.
+_FAIL_OVER = frozenset({401, 403, 429})
 _MAX_MODEL_LENGTH = 256  # no model id comes close; bounds what reaches spans, events and logs
 # How a relayed 2xx can still show Anthropic failing (stalled or broken stream, an error event inside it): the
 # breaker counts these like a 5xx or 529.
@@ -94,13 +98,18 @@ class _Exchange:
 
 @dataclass(slots=True)
 class _Attempts:
-    """What the upstream attempts of one client request share: the body, the breaker permit, keys tried."""
+    """What the attempts of one client request on one upstream share: the request, that upstream's breaker
+    permit, keys tried; ``can_fail_over`` when a later upstream may take the request instead."""
 
+    upstream: Adapter
+    upstream_model: str | None
     path_qs: str
     accept_encoding: str | None
     body: bytes | None
+    parsed: dict[str, Any] | None
     permit: Permit
     metered: bool
+    can_fail_over: bool
     tried: set[str] = field(default_factory=set)
     key_failures: int = 0
     connect_failures: int = 0
@@ -112,12 +121,26 @@ class _UpstreamCall:
     says how, and leaving its ``with`` block without ending it ends it by the way it was left (the client went
     away, the client stalled, or a bug of ours, which is never recorded as a success)."""
 
-    __slots__ = ("_exchange", "_record", "ended", "http_status", "meter", "metered", "request_id")
+    __slots__ = (
+        "_exchange",
+        "_record",
+        "ended",
+        "http_status",
+        "meter",
+        "metered",
+        "request_id",
+        "request_id_header",
+        "upstream",
+        "upstream_model",
+    )
 
-    def __init__(self, record: _RecordFn, exchange: _Exchange, *, metered: bool) -> None:
+    def __init__(self, record: _RecordFn, exchange: _Exchange, attempts: _Attempts) -> None:
         self._record = record
         self._exchange = exchange
-        self.metered = metered
+        self.metered = attempts.metered
+        self.upstream = attempts.upstream.name
+        self.upstream_model = attempts.upstream_model
+        self.request_id_header = attempts.upstream.request_id_header
         self.meter: UsageMeter | None = None
         self.http_status: int | None = None
         self.request_id: str | None = None
@@ -139,9 +162,10 @@ class _UpstreamCall:
         else:
             self.end("error", "api_error")
 
-    def answered(self, upstream: UpstreamResponse) -> None:
+    def answered(self, upstream: Answer) -> None:
         self.http_status = upstream.status
-        self.request_id = upstream.headers.get(_REQUEST_ID)
+        # a translated answer names it ``request-id`` already; a cloud's own answer by its own header
+        self.request_id = upstream.headers.get("request-id") or upstream.headers.get(self.request_id_header)
 
     def end(self, status: str, error_type: str | None) -> None:
         """The attempt's outcome: record it, once."""
@@ -165,9 +189,16 @@ _RecordFn = Callable[[_Exchange, "_UpstreamCall", str, "str | None"], None]
 
 @dataclass(slots=True, frozen=True)
 class _Retry:
-    """Try again upstream with this key."""
+    """Try again on the same upstream, with this key (None: an upstream without keys)."""
 
-    next_key: Key
+    next_key: Key | None
+
+
+@dataclass(slots=True, frozen=True)
+class _FailOver:
+    """This upstream failed before the client had a byte: try the next, or answer ``response`` if none is left."""
+
+    response: StreamResponse
 
 
 class Relay:
@@ -177,23 +208,18 @@ class Relay:
         self,
         settings: GateSettings,
         *,
-        upstream: Upstream,
+        upstreams: Upstreams,
         auth: Authenticator,
-        keys: KeyPool,
-        breaker: CircuitBreaker,
         events: UsageEvents,
         telemetry: Telemetry,
         policy: ModelPolicy | None = None,
     ) -> None:
         api = settings.anthropic.api
         self._policy = policy
-        self._upstream = upstream
+        self._upstreams = upstreams
         self._auth = auth
-        self._keys = keys
-        self._breaker = breaker
         self._events = events
         self._telemetry = telemetry
-        self._default_version = api.default_version
         self._connect_attempts = api.retry.connect_attempts
         self._key_attempts = api.retry.key_attempts
         self._headers_timeout = api.timeouts.response_headers
@@ -260,14 +286,16 @@ class Relay:
         exchange.sub = identity.sub
         exchange.groups = sorted(identity.groups) or None
         body: bytes | None = None
+        parsed: dict[str, Any] | None = None
         if request.method == "POST":
             body_or_error = await self._read_body(request)
             if isinstance(body_or_error, Response):
                 return body_or_error
             body = body_or_error
-            parsed = _parse_json_object(body)
-            if isinstance(parsed, str):
-                return error_response(400, parsed)
+            parsed_or_error = _parse_json_object(body)
+            if isinstance(parsed_or_error, str):
+                return error_response(400, parsed_or_error)
+            parsed = parsed_or_error
             model = parsed.get("model")
             if isinstance(model, str):
                 if len(model) > _MAX_MODEL_LENGTH:
@@ -279,7 +307,8 @@ class Relay:
         if self._policy is not None and (answer := self._policy.answer(identity, request, exchange.model)) is not None:
             return answer  # refused (or /v1/models answered) by model policy: no upstream call, no usage event
         exchange.session_id = request.headers.get(_SESSION_ID)
-        return await self._forward(request, exchange, body, metered=metered)
+        # The body is parsed and the caller known: checks of the request itself go here, before any upstream.
+        return await self._forward(request, exchange, body, parsed, metered=metered)
 
     async def _read_body(self, request: Request) -> bytes | Response:
         length = request.content_length
@@ -306,96 +335,158 @@ class Relay:
     # ------------------------------------------------------------------------------------------- upstream
 
     async def _forward(
-        self, request: Request, exchange: _Exchange, body: bytes | None, *, metered: bool
+        self,
+        request: Request,
+        exchange: _Exchange,
+        body: bytes | None,
+        parsed: dict[str, Any] | None,
+        *,
+        metered: bool,
     ) -> StreamResponse:
-        try:
-            permit = self._breaker.acquire()
-        except CircuitOpenError as exc:
-            seconds = max(1, math.ceil(exc.retry_after))
-            return error_response(
-                503,
-                "Upstream is failing; the gateway's circuit breaker is open. Retry later.",
-                headers={"retry-after": str(seconds)},
+        """Try the upstreams that serve the request in order; the next only while the client has no byte."""
+        route = exchange.route
+        candidates, refusal = self._upstreams.candidates(route, exchange.model, beta_values(request.headers))
+        if not candidates:
+            if refusal is None:
+                return error_response(404, f"Not found: {request.method} {request.path} (no upstream serves it)")
+            return error_response(400 if exchange.model or route.startswith("/v1/messages") else 404, refusal)
+        accept_encoding = filter_accept_encoding(request.headers.get(_ACCEPT_ENCODING))
+        fallback: StreamResponse | None = None  # the last upstream failure, for when no other upstream can try
+        retry_after: float | None = None
+        for index, (upstream, upstream_model) in enumerate(candidates):
+            try:
+                permit = upstream.breaker.acquire()
+            except CircuitOpenError as exc:
+                retry_after = exc.retry_after if retry_after is None else min(retry_after, exc.retry_after)
+                continue
+            attempts = _Attempts(
+                upstream=upstream,
+                upstream_model=upstream_model,
+                path_qs=request.path_qs,
+                accept_encoding=accept_encoding,
+                body=body,
+                parsed=parsed,
+                permit=permit,
+                metered=metered,
+                can_fail_over=index < len(candidates) - 1,
             )
-        attempts = _Attempts(
-            path_qs=request.path_qs,
-            accept_encoding=filter_accept_encoding(request.headers.get(_ACCEPT_ENCODING)),
-            body=body,
-            permit=permit,
-            metered=metered,
+            try:
+                outcome = await self._try_upstream(request, exchange, attempts)
+            finally:
+                if not attempts.permit_done:  # a 4xx, a client that left, no key: nothing learnt about upstream
+                    upstream.breaker.release(permit)
+            if isinstance(outcome, _FailOver):
+                log.warning("upstream %s failed before the first byte; trying the next", upstream.name)
+                fallback = outcome.response
+                continue
+            return outcome
+        if fallback is not None:
+            return fallback
+        seconds = max(1, math.ceil(retry_after or 1))
+        return error_response(
+            503,
+            "Upstream is failing; the gateway's circuit breaker is open. Retry later.",
+            headers={"retry-after": str(seconds)},
         )
+
+    async def _try_upstream(
+        self, request: Request, exchange: _Exchange, attempts: _Attempts
+    ) -> StreamResponse | _FailOver:
+        """The attempts on one upstream: across its keys (429/401) and connection failures."""
+        upstream = attempts.upstream
+        keys = upstream.keys
         key: Key | None = None
-        try:
-            while True:
-                if key is None:
-                    try:
-                        key = self._keys.acquire(exclude=frozenset(attempts.tried))
-                    except NoKeyAvailable as exc:
-                        return _no_key_response(exc, retried=bool(attempts.tried))
+        while True:
+            if keys is not None and key is None:
+                try:
+                    key = keys.acquire(exclude=frozenset(attempts.tried))
+                except NoKeyAvailable as exc:
+                    return self._give_up(attempts, _no_key_response(exc, retried=bool(attempts.tried)))
+            if key is not None:
                 attempts.tried.add(key.alias)
-                exchange.key_alias = key.alias
-                with self._telemetry.client_span(
-                    exchange.model, stream=exchange.stream, server_address=self._upstream.server_address
-                ) as client_span:
-                    exchange.client_span = client_span
-                    with _UpstreamCall(self._record, exchange, metered=metered) as call:
-                        outcome = await self._attempt(request, exchange, attempts, key, call)
-                    exchange.client_span = None
-                if isinstance(outcome, _Retry):
-                    key = outcome.next_key
-                    continue
-                return outcome
-        finally:
-            if not attempts.permit_done:  # a 4xx, a client that left, no key: nothing learnt about upstream
-                self._breaker.release(permit)
+            exchange.key_alias = key.alias if key is not None else None
+            outgoing = Outgoing(
+                method=request.method,
+                route=exchange.route,
+                path_qs=attempts.path_qs,
+                headers=request.headers,
+                body=attempts.body,
+                parsed=attempts.parsed,
+                upstream_model=attempts.upstream_model,
+                stream=exchange.stream,
+                accept_encoding=attempts.accept_encoding,
+                key=key,
+            )
+            with self._telemetry.client_span(
+                exchange.model, stream=exchange.stream, server_address=upstream.server_address
+            ) as client_span:
+                exchange.client_span = client_span
+                client_span.set_attribute("gate.upstream", upstream.name)
+                with _UpstreamCall(self._record, exchange, attempts) as call:
+                    outcome = await self._attempt(request, exchange, attempts, outgoing, call)
+                exchange.client_span = None
+            if isinstance(outcome, _Retry):
+                key = outcome.next_key
+                continue
+            return outcome
+
+    def _give_up(self, attempts: _Attempts, response: StreamResponse) -> StreamResponse | _FailOver:
+        """This upstream's last word: the next upstream's turn when there is one, else the client's answer."""
+        return _FailOver(response) if attempts.can_fail_over else response
 
     async def _attempt(
-        self, request: Request, exchange: _Exchange, attempts: _Attempts, key: Key, call: _UpstreamCall
-    ) -> StreamResponse | _Retry:
+        self, request: Request, exchange: _Exchange, attempts: _Attempts, outgoing: Outgoing, call: _UpstreamCall
+    ) -> StreamResponse | _Retry | _FailOver:
         """One upstream call, judged by the breaker at its response head; ``call`` records how it ended."""
-        headers = request_headers(
-            request.headers,
-            api_key=key.value,
-            default_version=self._default_version,
-            accept_encoding=attempts.accept_encoding,
-        )
+        upstream = attempts.upstream
         sent = perf_counter()
         try:
-            upstream = await self._send(request.method, attempts.path_qs, headers, attempts.body)
+            prepared = await upstream.prepare(outgoing)
+            response = await self._send(upstream, prepared, request.method)
+        except UpstreamUnavailable as exc:
+            call.end("error", "api_error")  # nothing was sent: no credentials to send it with
+            self._judge(attempts, failed=True, duration=perf_counter() - sent)
+            log.warning("upstream %s unavailable: %s", upstream.name, exc)
+            return self._give_up(attempts, error_response(502, f"The gateway could not call {upstream.label}."))
         except ConnectError as exc:
-            # No connection, so nothing reached Anthropic: safe to try again, on the same key (it is not at fault).
+            # No connection, so nothing reached upstream: safe to try again, on the same key (it is not at fault).
             timed_out = isinstance(exc, ConnectTimeout)
             call.end("error", "timeout_error" if timed_out else "api_error")
             attempts.connect_failures += 1
             if attempts.connect_failures < self._connect_attempts:
-                attempts.tried.discard(key.alias)
-                return _Retry(key)
+                if outgoing.key is not None:
+                    attempts.tried.discard(outgoing.key.alias)
+                return _Retry(outgoing.key)
             self._judge(attempts, failed=True, duration=perf_counter() - sent)
-            log.warning("upstream unreachable: %s", type(exc).__name__)
+            log.warning("upstream %s unreachable: %s", upstream.name, type(exc).__name__)
             if timed_out:
-                return error_response(504, "The gateway could not connect to Anthropic in time.")
-            return error_response(502, "The gateway could not reach Anthropic.")
+                message = f"The gateway could not connect to {upstream.label} in time."
+                return self._give_up(attempts, error_response(504, message))
+            return self._give_up(attempts, error_response(502, f"The gateway could not reach {upstream.label}."))
         except TimeoutError:
             call.end("error", "timeout_error")
             self._judge(attempts, failed=True, duration=perf_counter() - sent)
-            return error_response(504, "Anthropic did not answer in time.")
+            return self._give_up(attempts, error_response(504, f"{upstream.label} did not answer in time."))
         except ClientError as exc:
-            # The request may have reached Anthropic (a dropped connection, a malformed answer): never resent.
+            # The request may have reached upstream (a dropped connection, a malformed answer): never resent to
+            # the same upstream; another one may still answer while the client has nothing.
             call.end("error", "api_error")
             self._judge(attempts, failed=True, duration=perf_counter() - sent)
-            log.warning("upstream call failed before its answer: %s", type(exc).__name__)
-            return error_response(502, "The gateway could not reach Anthropic.")
+            log.warning("upstream %s call failed before its answer: %s", upstream.name, type(exc).__name__)
+            return self._give_up(attempts, error_response(502, f"The gateway could not reach {upstream.label}."))
         finally:
             exchange.upstream_wait += perf_counter() - sent
         waited = perf_counter() - sent
-        call.answered(upstream)
-        status = upstream.status
-        if status in _KEY_TROUBLE:
-            self._report_key_trouble(key, status, upstream.headers.get(_RETRY_AFTER))
+        answer = upstream.answer(response, outgoing)
+        call.answered(answer)
+        status = answer.status
+        key = outgoing.key
+        if key is not None and status in _KEY_TROUBLE:
+            self._report_key_trouble(upstream, key, status, answer.headers.get(_RETRY_AFTER))
             attempts.key_failures += 1
             next_key = self._next_key(attempts) if attempts.key_failures < self._key_attempts else None
             if next_key is not None:
-                call.end_with_error_body(await self._drain(upstream, exchange), upstream.headers)
+                call.end_with_error_body(await self._drain(answer, exchange), answer.headers)
                 return _Retry(next_key)
         if status >= 500:
             self._judge(attempts, failed=True, duration=waited)
@@ -403,13 +494,19 @@ class Relay:
             # Judged now, at the head (a half-open trial must not wait for long streams); a stream that fails
             # later is then recorded by ``_relay`` as a late failure.
             self._judge(attempts, failed=False, duration=waited)
-        return await self._relay(request, exchange, upstream, attempts, call)
+        if attempts.can_fail_over and (status >= 500 or status in _FAIL_OVER):
+            body = await self._drain(answer, exchange)
+            call.end_with_error_body(body, answer.headers)
+            return _FailOver(
+                Response(status=status, body=body, headers=response_headers(answer.headers, keep_length=False))
+            )
+        return await self._relay(request, exchange, answer, attempts, call)
 
-    async def _send(self, method: str, path_qs: str, headers: Any, body: bytes | None) -> UpstreamResponse:
+    async def _send(self, upstream: Adapter, prepared: Any, method: str) -> Any:
         """The upstream call up to its response headers, or TimeoutError after ``response-headers``."""
         watchdog = self._watchdogs.watch(self._headers_timeout)
         try:
-            return await self._upstream.request(method, path_qs, headers, body)
+            return await upstream.send(prepared, method)
         except asyncio.CancelledError:
             if watchdog.absorb_cancel():
                 raise TimeoutError from None
@@ -419,22 +516,28 @@ class Relay:
 
     def _judge(self, attempts: _Attempts, *, failed: bool, duration: float) -> None:
         if not attempts.permit_done:
-            self._breaker.record(attempts.permit, failed=failed, duration=duration)
+            attempts.upstream.breaker.record(attempts.permit, failed=failed, duration=duration)
             attempts.permit_done = True
 
     def _next_key(self, attempts: _Attempts) -> Key | None:
+        keys = attempts.upstream.keys
+        if keys is None:
+            return None
         try:
-            return self._keys.acquire(exclude=frozenset(attempts.tried))
+            return keys.acquire(exclude=frozenset(attempts.tried))
         except NoKeyAvailable:
             return None
 
-    def _report_key_trouble(self, key: Key, status: int, retry_after: str | None) -> None:
+    def _report_key_trouble(self, upstream: Adapter, key: Key, status: int, retry_after: str | None) -> None:
+        keys = upstream.keys
+        if keys is None:
+            return
         if status == 429:
-            self._keys.report_rate_limited(key.alias, _seconds(retry_after))
+            keys.report_rate_limited(key.alias, _seconds(retry_after))
         else:
-            self._keys.report_rejected(key.alias, status)
+            keys.report_rejected(key.alias, status)
 
-    async def _drain(self, upstream: UpstreamResponse, exchange: _Exchange) -> bytes:
+    async def _drain(self, upstream: Answer, exchange: _Exchange) -> bytes:
         """An error answer read to its end (bounded by ``stream-idle``), so its connection can be reused."""
         started = perf_counter()
         watchdog = self._watchdogs.watch(self._idle_timeout)
@@ -457,11 +560,12 @@ class Relay:
         self,
         request: Request,
         exchange: _Exchange,
-        upstream: UpstreamResponse,
+        upstream: Answer,
         attempts: _Attempts,
         call: _UpstreamCall,
-    ) -> StreamResponse:
-        """Send upstream's answer to the client as it arrives, and end ``call`` by how that went."""
+    ) -> StreamResponse | _FailOver:
+        """Send upstream's answer to the client as it arrives, and end ``call`` by how that went. An answer that
+        breaks before its first byte reached the client may still fail over to the next upstream."""
         status = upstream.status
         meter = (
             UsageMeter(
@@ -474,6 +578,7 @@ class Relay:
         length = upstream.content_length
         outcome, error_type = ("success" if status < 400 else "error"), None
         response: StreamResponse
+        fail_over = False
         try:
             if length is not None and length <= _MAX_BUFFERED_BODY:
                 response = await self._relay_whole(exchange, upstream, meter)
@@ -486,8 +591,12 @@ class Relay:
                 timed_out = exc.error_type == "timeout_error"  # nothing reached the client yet: a clean answer
                 response = error_response(
                     504 if timed_out else 502,
-                    "Anthropic stopped answering in time." if timed_out else "The connection to Anthropic broke.",
+                    f"{attempts.upstream.label} stopped answering in time."
+                    if timed_out
+                    else f"The connection to {attempts.upstream.label} broke.",
                 )
+                fail_over = attempts.can_fail_over
+                exchange.response = None  # never sent: the next upstream's answer is the client's
             else:
                 response = _cut_off(request, exc.response)  # end it truncated, as a dropped connection would
         except _ClientStalled as exc:
@@ -509,13 +618,11 @@ class Relay:
                 elif outcome == "error" and error_type is None:
                     error_type = meter.error_type or error_type_for(status)
             if status < 400 and error_type in _UPSTREAM_FAULTS:
-                self._breaker.record_late_failure(attempts.permit)
+                attempts.upstream.breaker.record_late_failure(attempts.permit)
             call.end(outcome, error_type)
-        return response
+        return _FailOver(response) if fail_over else response
 
-    async def _relay_whole(
-        self, exchange: _Exchange, upstream: UpstreamResponse, meter: UsageMeter | None
-    ) -> StreamResponse:
+    async def _relay_whole(self, exchange: _Exchange, upstream: Answer, meter: UsageMeter | None) -> StreamResponse:
         started = perf_counter()
         if upstream.complete():  # the whole answer came with the headers: no deadline needed
             body = await upstream.read()
@@ -539,7 +646,7 @@ class Relay:
         )
 
     async def _relay_stream(
-        self, request: Request, exchange: _Exchange, upstream: UpstreamResponse, meter: UsageMeter | None
+        self, request: Request, exchange: _Exchange, upstream: Answer, meter: UsageMeter | None
     ) -> StreamResponse:
         """Chunks as they come. Two deadlines, one at a time: upstream's silence (``stream-idle``) while waiting
         for a chunk, and the client's (``send-timeout``) while it does not take what was sent."""
@@ -613,6 +720,8 @@ class Relay:
             service_tier=meter.service_tier if meter else None,
             claude_code_session_id=exchange.session_id,
             groups=exchange.groups,
+            upstream=call.upstream,
+            upstream_model=call.upstream_model,
             event_id="",  # the outbox gives it an id, in batches, as it stores it (stable from then on)
             time=rfc3339_millis(now),
         )

@@ -365,6 +365,99 @@ class ResilienceSettings(_Section):
     circuit_breaker: CircuitBreakerSettings = CircuitBreakerSettings()
 
 
+UpstreamType = Literal["anthropic", "vertex", "bedrock", "foundry"]
+_UPSTREAM_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class UpstreamSettings(_Section):
+    """One entry of ``upstreams:``: where a call may go, tried in list order (see README, Upstreams).
+
+    Credentials by type: ``anthropic`` uses the key pool of ``anthropic.api``; ``vertex`` a service-account file
+    (``credentials-file``) or Application Default Credentials; ``bedrock`` ``access-key-id``/``secret-access-key``
+    (``session-token``), a Bedrock ``api-key``, or the standard AWS credential chain; ``foundry`` an ``api-key``,
+    a static Entra ID ``token`` or a ``token-file`` (re-read when it changes).
+    """
+
+    name: str = Field(pattern=_UPSTREAM_NAME)
+    type: UpstreamType
+    base_url: str | None = None  # None: the type's public endpoint (anthropic: anthropic.api.base-url)
+    # Anthropic model id (or a prefix ending in ``*``) -> this upstream's id; empty: every model, ids unchanged.
+    models: dict[str, str] = {}
+    # anthropic-beta values this upstream honours; None: every one is carried, [] refuses them all.
+    betas: list[str] | None = None
+    circuit_breaker: CircuitBreakerSettings | None = None  # None: resilience.circuit-breaker
+    project_id: str | None = None  # vertex
+    region: str | None = None  # vertex (or "global"), bedrock
+    credentials_file: str | None = None  # vertex: a service-account JSON file; None: ADC
+    access_key_id: SecretStr | None = None  # bedrock
+    secret_access_key: SecretStr | None = None  # bedrock
+    session_token: SecretStr | None = None  # bedrock
+    profile: str | None = None  # bedrock: a named profile of the AWS config files
+    api_key: SecretStr | None = None  # bedrock (Bedrock API key), foundry
+    resource: str | None = None  # foundry: the Azure AI Foundry resource name
+    token: SecretStr | None = None  # foundry: a static Entra ID bearer token
+    token_file: str | None = None  # foundry: a file holding the Entra ID token (workload identity)
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"not an http(s) URL: {value!r}")
+        return value.rstrip("/")
+
+    @field_validator("models")
+    @classmethod
+    def _model_ids(cls, models: dict[str, str]) -> dict[str, str]:
+        for source, target in models.items():
+            if not source.strip("*") or not target.strip():
+                raise ValueError(f"models: an empty model id in {source!r}: {target!r}")
+            if "*" in source[:-1] or "*" in target:
+                raise ValueError(f"models: {source!r}: only a trailing * (a prefix) is allowed, on the left")
+        return models
+
+    @model_validator(mode="after")
+    def _credentials(self) -> UpstreamSettings:
+        def present(value: SecretStr | str | None) -> bool:
+            text = value.get_secret_value() if isinstance(value, SecretStr) else value
+            return bool(text and text.strip())
+
+        missing: list[str] = []
+        if self.type == "vertex":
+            missing = [name for name in ("project_id", "region") if not present(getattr(self, name))]
+        elif self.type == "bedrock":
+            if not present(self.region):
+                missing.append("region")
+            if present(self.access_key_id) != present(self.secret_access_key):
+                raise ValueError("bedrock: access-key-id and secret-access-key go together")
+        elif self.type == "foundry":
+            if not present(self.resource) and self.base_url is None:
+                missing.append("resource (or base-url)")
+            if not (present(self.api_key) or present(self.token) or present(self.token_file)):
+                missing.append("api-key, token or token-file")
+        if missing:
+            raise ValueError(f"{self.type} upstream {self.name!r} needs {', '.join(_kebab(m) for m in missing)}")
+        return self
+
+    def endpoint(self) -> str:
+        """The base URL calls go to: configured, or the type's public endpoint."""
+        if self.base_url is not None:
+            return self.base_url
+        if self.type == "vertex":
+            region = self.region or "global"
+            return (
+                "https://aiplatform.googleapis.com"
+                if region == "global"
+                else f"https://{region}-aiplatform.googleapis.com"
+            )
+        if self.type == "bedrock":
+            return f"https://bedrock-runtime.{self.region}.amazonaws.com"
+        if self.type == "foundry":
+            return f"https://{self.resource}.services.ai.azure.com/anthropic"
+        raise ValueError("an anthropic upstream takes anthropic.api.base-url")
+
+
 class RabbitMQSettings(_Section):
     url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
     routing_key: str = "usage"
@@ -727,8 +820,27 @@ class GateSettings(_Section):
     sign_in: SignInSettings = SignInSettings()
     store: StoreSettings = StoreSettings()
     policies: list[PolicySettings] = []
+    # Ordered: a call goes to the first that serves its model, then fails over down the list. Empty: one
+    # ``anthropic`` upstream built from anthropic.api (the single-upstream case).
+    upstreams: list[UpstreamSettings] = []
     profiles: tuple[str, ...] = ("local",)
     sources: tuple[str, ...] = ()
+
+    @field_validator("upstreams")
+    @classmethod
+    def _unique_upstreams(cls, upstreams: list[UpstreamSettings]) -> list[UpstreamSettings]:
+        names = [u.name for u in upstreams]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"upstream names must be unique; repeated: {', '.join(duplicates)}")
+        if sum(u.type == "anthropic" for u in upstreams) > 1:
+            raise ValueError("at most one anthropic upstream (it uses the key pool of anthropic.api)")
+        return upstreams
+
+    @property
+    def effective_upstreams(self) -> list[UpstreamSettings]:
+        """``upstreams``, or the single ``anthropic`` upstream of anthropic.api when none are listed."""
+        return self.upstreams or [UpstreamSettings(name="anthropic", type="anthropic")]
 
     @property
     def dev_auth(self) -> bool:

@@ -44,6 +44,8 @@ class UsageRecord:
     service_tier: str | None = None
     claude_code_session_id: str | None = None
     groups: list[str] | None = None  # the caller's groups (Identity.groups, sorted); None when it has none
+    upstream: str | None = None  # the name of the upstream called (settings ``upstreams``)
+    upstream_model: str | None = None  # the model id sent to it (the model map's answer)
     event_id: str = ""  # CloudEvent id, made once when the record is made, stable across redeliveries
     time: str = ""  # RFC 3339 UTC with milliseconds, when the upstream call ended
 

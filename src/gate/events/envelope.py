@@ -65,6 +65,8 @@ OPTIONAL_DATA_FIELDS = frozenset(
         "service_tier",
         "claude_code_session_id",
         "groups",
+        "upstream",
+        "upstream_model",
     }
 )
 _ATTRIBUTE_FIELDS = frozenset({"subject", "event_id", "time"})  # record fields that become attributes

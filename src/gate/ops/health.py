@@ -32,16 +32,26 @@ class Health:
         keys = gate.keys.snapshot()
         count = _count(keys.get("count"))
         available = _count(keys.get("available"))
-        components: dict[str, dict[str, Any]] = {
-            "circuitBreaker": {"status": _BREAKER_STATUS.get(str(breaker.get("state")), "UNKNOWN"), "details": breaker},
-            "pubsub": gate.events.health(),
-            "apiKeys": {
-                "status": "UP" if available > 0 else "DOWN",
+        components: dict[str, dict[str, Any]] = {}
+        upstreams = list(gate.upstreams)
+        if len(upstreams) == 1:
+            state = str(breaker.get("state"))
+            components["circuitBreaker"] = {"status": _BREAKER_STATUS.get(state, "UNKNOWN"), "details": breaker}
+        else:
+            # One component per upstream; together DOWN only when none is UP (the others take its calls).
+            parts = {adapter.name: adapter.health() for adapter in upstreams}
+            up = any(part["status"] == "UP" for part in parts.values())
+            components["upstreams"] = {"status": "UP" if up else "DOWN", "components": parts}
+        components["pubsub"] = gate.events.health()
+        if any(adapter.keys is not None for adapter in upstreams):
+            # no usable key is DOWN for Gate only when Anthropic is its one upstream; else the others take its calls
+            no_key = "DOWN" if len(upstreams) == 1 else "UNKNOWN"
+            components["apiKeys"] = {
+                "status": "UP" if available > 0 else no_key,
                 "details": {"count": count, "available": available, "keys": keys.get("keys", [])},
-            },
-            "jwks": gate.auth.health(),
-            "lifecycle": {"status": "DOWN" if gate.draining else "UP", "details": {"draining": gate.draining}},
-        }
+            }
+        components["jwks"] = gate.auth.health()
+        components["lifecycle"] = {"status": "DOWN" if gate.draining else "UP", "details": {"draining": gate.draining}}
         if gate.signin is not None:
             components["signIn"] = gate.signin.health()
         return components
@@ -61,7 +71,7 @@ class Health:
         jwks_keys = _count(details.get("keys")) if isinstance(details, dict) else 0
         checks = {
             "jwksLoaded": jwks_keys > 0,
-            "apiKeyConfigured": len(gate.keys) > 0,
+            "apiKeyConfigured": any(adapter.configured for adapter in gate.upstreams),
             "notDraining": not gate.draining,
         }
         return _answer("UP" if all(checks.values()) else "DOWN", {"details": checks})

@@ -368,7 +368,7 @@ class Telemetry:
         self._request_keys: dict[tuple[str, str, int], Attrs] = {}
         self._route_keys: dict[str, Attrs] = {}
         self._alias_keys: dict[str, Attrs] = {}
-        self._token_keys: dict[tuple[str | None, str | None, str | None], tuple[Attrs, ...]] = {}
+        self._token_keys: dict[tuple[str | None, str | None, str | None, str | None], tuple[Attrs, ...]] = {}
 
         self._meter_provider: MeterProvider | None = None
         self._prometheus_registry: Any = None
@@ -561,10 +561,10 @@ class Telemetry:
 
     def _record_tokens(self, record: UsageRecord, sub: str | None) -> None:
         user = sub if self._user_label else None
-        cache_key = (record.model, record.key_alias, user)
+        cache_key = (record.model, record.key_alias, user, record.upstream)
         keys = self._token_keys.get(cache_key)
         if keys is None:
-            keys = _token_keys(record.model, record.key_alias, user)
+            keys = _token_keys(record.model, record.key_alias, user, record.upstream)
             if len(self._token_keys) < _CACHE_LIMIT:
                 self._token_keys[cache_key] = keys
         ttft_key, input_key, output_key, creation_key, read_key = keys
@@ -710,7 +710,9 @@ def _id_only_span(headers: Mapping[str, str]) -> _ActiveSpan:
     return _ActiveSpan(NonRecordingSpan(context))
 
 
-def _token_keys(model: str | None, alias: str | None, user: str | None) -> tuple[Attrs, ...]:
+def _token_keys(
+    model: str | None, alias: str | None, user: str | None, upstream: str | None = None
+) -> tuple[Attrs, ...]:
     """Attribute sets for (time to first token, input, output, cache_creation, cache_read)."""
     base: Attrs = (("gen_ai.operation.name", "chat"), ("gen_ai.system", GEN_AI_SYSTEM))
     if model:
@@ -718,6 +720,8 @@ def _token_keys(model: str | None, alias: str | None, user: str | None) -> tuple
     usage = base
     if alias:
         usage = (*usage, ("gate.key_alias", alias))
+    if upstream:
+        usage = (*usage, ("gate.upstream", upstream))
     if user:
         usage = (*usage, ("user.id", bounded(user)))
     return (
@@ -742,6 +746,8 @@ def _annotate_call(client: Span, record: UsageRecord) -> None:
         attrs["gen_ai.response.finish_reasons"] = (record.stop_reason,)
     if record.key_alias:
         attrs["gate.key_alias"] = record.key_alias
+    if record.upstream_model:
+        attrs["gate.upstream_model"] = record.upstream_model
     if record.anthropic_request_id:
         attrs["anthropic.request_id"] = record.anthropic_request_id
     if record.http_status is not None:

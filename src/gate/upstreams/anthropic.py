@@ -1,4 +1,4 @@
-"""The pooled HTTP client to Anthropic and header hygiene, both ways.
+"""The Anthropic API upstream: the pooled client to Anthropic, header hygiene both ways, and its adapter.
 
 One shared pool of keep-alive connections (``gate.http.client.Pool``) serves every request. Bodies are passed
 through undecoded, so the client receives upstream's bytes exactly.
@@ -6,16 +6,27 @@ through undecoded, so the client receives upstream's bytes exactly.
 
 from __future__ import annotations
 
-import urllib.request
 from collections.abc import Iterable, Mapping
 
+import orjson
 from multidict import CIMultiDict, istr
 from yarl import URL
 
 from gate.http.client import Pool, UpstreamResponse
-from gate.settings import AnthropicApiSettings
+from gate.settings import AnthropicApiSettings, UpstreamSettings
+from gate.upstreams.adapter import COUNT_TOKENS, MESSAGES, Adapter, Outgoing, Prepared, egress_proxy
+from gate.upstreams.breaker import CircuitBreaker
+from gate.upstreams.keys import KeyPool
 
-__all__ = ["HOP_BY_HOP", "Upstream", "request_headers", "response_headers"]
+__all__ = [
+    "HOP_BY_HOP",
+    "AnthropicAdapter",
+    "Upstream",
+    "egress_proxy",
+    "request_headers",
+    "response_headers",
+    "with_model",
+]
 
 HOP_BY_HOP = frozenset(
     istr(h)
@@ -87,14 +98,6 @@ def response_headers(upstream: Mapping[str, str], *, keep_length: bool) -> CIMul
     return out
 
 
-def egress_proxy(url: str) -> str | None:
-    """The proxy from HTTPS_PROXY / HTTP_PROXY / NO_PROXY (curl's conventions, via urllib) for ``url``, or None."""
-    target = URL(url)
-    if target.host is None or urllib.request.proxy_bypass(target.host):
-        return None
-    return urllib.request.getproxies().get(target.scheme)
-
-
 class Upstream:
     """Owns the connection pool to Anthropic; ``request`` sends one call and returns the response headers."""
 
@@ -128,3 +131,56 @@ class Upstream:
         if self._pool is None:
             raise RuntimeError("Upstream.start() has not run")
         return await self._pool.request(method, path_qs, headers.items(), body)
+
+
+class AnthropicAdapter(Adapter):
+    """The Anthropic API itself: the client's request as it came, with a company key from the pool. The body is
+    sent as it came unless the model map names another id."""
+
+    kind = "anthropic"
+    routes = frozenset({MESSAGES, COUNT_TOKENS, "/v1/models", "/v1/models/{id}"})
+
+    def __init__(
+        self,
+        settings: UpstreamSettings,
+        api: AnthropicApiSettings,
+        breaker: CircuitBreaker,
+        *,
+        upstream: Upstream,
+        keys: KeyPool,
+    ) -> None:
+        super().__init__(settings, api, breaker)
+        self.keys = keys
+        self._upstream = upstream  # shares its pool with the key prober
+        self._default_version = api.default_version
+
+    async def start(self) -> None:
+        pass  # the pool is Upstream's, started and closed with it
+
+    async def close(self) -> None:
+        pass
+
+    @property
+    def configured(self) -> bool:
+        return self.keys is not None and len(self.keys) > 0
+
+    async def prepare(self, call: Outgoing) -> Prepared:
+        assert call.key is not None
+        headers = request_headers(
+            call.headers,
+            api_key=call.key.value,
+            default_version=self._default_version,
+            accept_encoding=call.accept_encoding,
+        )
+        return Prepared(call.path_qs, headers, with_model(call))
+
+    async def send(self, prepared: Prepared, method: str) -> UpstreamResponse:
+        return await self._upstream.request(method, prepared.path_qs, prepared.headers, prepared.body)
+
+
+def with_model(call: Outgoing) -> bytes | None:
+    """The body with the model map's id in ``model``; the client's bytes unchanged when the id is the same."""
+    parsed = call.parsed
+    if parsed is None or call.upstream_model is None or parsed.get("model") == call.upstream_model:
+        return call.body
+    return orjson.dumps({**parsed, "model": call.upstream_model})
