@@ -641,7 +641,7 @@ def test_upstreams_from_yaml_and_env_with_public_endpoints(tmp_path: Path) -> No
         ({"name": "x", "type": "foundry", "resource": "r"}, "needs api-key, token or token-file"),
         (
             {"name": "x", "type": "foundry", "api-key": "k", "base-url": "ftp://x"},
-            "upstreams[0].base-url: Value error, not an http(s) URL",
+            "upstreams[0].base-url: not an http(s) URL",
         ),
         (
             {"name": "x", "type": "vertex", "project-id": "p", "region": "r", "models": {"a*b": "c"}},

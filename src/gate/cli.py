@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterator, Mapping, Sequence
-from decimal import Decimal
 from typing import Any
 
 import yaml
@@ -129,8 +128,6 @@ def _scalar(value: Any) -> str:
         return f"[{', '.join(items)}]"
     if isinstance(value, str) and not value.isprintable():
         return _double_quoted(value)  # PyYAML would fold a line break onto the next line
-    if isinstance(value, Decimal):
-        return str(value)  # prices: exact, as written (PyYAML has no representer for Decimal)
     text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30, allow_unicode=True).strip()
     return text.removesuffix("\n...").removesuffix("...").strip()
 

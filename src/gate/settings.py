@@ -853,7 +853,16 @@ class GateSettings(_Section):
         from gate.ops.redact import mask_config
 
         data: dict[str, Any] = mask_config(self.model_dump(mode="python", by_alias=True, exclude={"sources"}))
-        return data
+        return {key: _decimals_as_text(value) for key, value in data.items()}
+
+
+def _decimals_as_text(value: Any) -> Any:
+    """Prices as their exact text: plain data that any YAML or JSON writer takes."""
+    if isinstance(value, dict):
+        return {key: _decimals_as_text(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_decimals_as_text(item) for item in value]
+    return str(value) if isinstance(value, Decimal) else value
 
 
 # ---------------------------------------------------------------------------------------------- loading
