@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gate import __version__
+from gate.accounting.prices import PriceTable
 from gate.events import UsageEvents
 from gate.http.server import HttpServer, Request, Response, Router
 from gate.identity.auth import Authenticator
@@ -50,6 +51,7 @@ class Gate:
     auth: Authenticator = field(init=False)
     keys: KeyPool = field(init=False)
     breaker: CircuitBreaker = field(init=False)
+    prices: PriceTable = field(init=False)
     events: UsageEvents = field(init=False)
     health: Health = field(init=False)
     relay: Relay = field(init=False)
@@ -67,7 +69,8 @@ class Gate:
             s.resilience.circuit_breaker, on_state_change=lambda old, new: telemetry.on_breaker_change(old, new)
         )
         telemetry.set_breaker_state_source(lambda: str(self.breaker.state))
-        self.events = UsageEvents(s.usage)
+        self.prices = PriceTable.from_settings(s.prices)
+        self.events = UsageEvents(s.usage, prices=self.prices)
         telemetry.set_usage_source(self.events)
         self.health = Health(self)
         self.relay = Relay(

@@ -8,12 +8,13 @@ its literal property name. ``NAME_FILE`` reads the value from a file (Kubernetes
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -86,8 +87,37 @@ def parse_size(value: Any) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "b").lower()])
 
 
+def parse_usd(value: Any) -> Decimal:
+    """An exact, non-negative amount of USD: ``"0.30"``, ``3`` or ``0.3`` (a YAML float is read by its text)."""
+    if isinstance(value, bool):
+        raise ValueError("an amount of USD, such as 3.75")
+    try:
+        amount = Decimal(str(value).strip()) if isinstance(value, int | float | str) else Decimal(value)
+    except (InvalidOperation, TypeError, ValueError):
+        raise ValueError(f"not an amount of USD: {value!r}") from None
+    if not amount.is_finite() or amount < 0:
+        raise ValueError("an amount of USD must be a finite, non-negative number")
+    return amount
+
+
+def parse_instant(value: Any) -> datetime.datetime:
+    """A point in time: a date (midnight UTC) or an ISO 8601 date-time (UTC unless it names its offset)."""
+    if isinstance(value, str):
+        try:
+            value = datetime.datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise ValueError(f"not a date or ISO 8601 date-time: {value!r}") from None
+    if isinstance(value, datetime.datetime):
+        return value if value.tzinfo is not None else value.replace(tzinfo=datetime.UTC)
+    if isinstance(value, datetime.date):
+        return datetime.datetime(value.year, value.month, value.day, tzinfo=datetime.UTC)
+    raise ValueError(f"not a date or ISO 8601 date-time: {value!r}")
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
+Usd = Annotated[Decimal, BeforeValidator(parse_usd)]
+Instant = Annotated[datetime.datetime, BeforeValidator(parse_instant)]
 
 
 def _kebab(name: str) -> str:
@@ -394,6 +424,57 @@ class UsageLimitsSettings(_Section):
         return value
 
 
+class PriceVersionSettings(_Section):
+    """One version of a model's prices: tokens in USD per million, web search in USD per 1,000 requests."""
+
+    effective_from: Instant  # applies to calls at or after this instant, until a later version takes over
+    version: str | None = None  # the label events carry as price_version; default "<pattern>@<date>"
+    input: Usd
+    output: Usd
+    cache_write_5m: Usd
+    cache_write_1h: Usd
+    cache_read: Usd
+    web_search: Usd
+
+
+class ModelPriceSettings(_Section):
+    """Prices for the models matching any of ``match``: an exact id, or a prefix ending in ``*``."""
+
+    match: list[str] = Field(min_length=1)
+    versions: list[PriceVersionSettings] = Field(min_length=1)
+
+    @field_validator("match")
+    @classmethod
+    def _patterns(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            if not pattern.strip() or pattern == "*" or "*" in pattern[:-1]:
+                raise ValueError(f"not a model id or prefix* pattern: {pattern!r}")
+        return patterns
+
+    @field_validator("versions")
+    @classmethod
+    def _distinct_dates(cls, versions: list[PriceVersionSettings]) -> list[PriceVersionSettings]:
+        starts = [v.effective_from for v in versions]
+        if len(set(starts)) != len(starts):
+            raise ValueError("two versions take effect at the same instant")
+        return versions
+
+
+class PricesSettings(_Section):
+    """The price table: per model pattern, per token type, versioned by effective date (``gate.accounting.prices``)."""
+
+    models: list[ModelPriceSettings] = []
+
+    @field_validator("models")
+    @classmethod
+    def _each_pattern_once(cls, models: list[ModelPriceSettings]) -> list[ModelPriceSettings]:
+        patterns = [p for entry in models for p in entry.match]
+        repeated = sorted({p for p in patterns if patterns.count(p) > 1})
+        if repeated:
+            raise ValueError(f"a model pattern may appear in one entry only; repeated: {', '.join(repeated)}")
+        return models
+
+
 class GateSettings(_Section):
     """The whole configuration. ``profiles`` and ``sources`` are filled in by the loader."""
 
@@ -403,6 +484,7 @@ class GateSettings(_Section):
     anthropic: AnthropicSettings = AnthropicSettings()
     resilience: ResilienceSettings = ResilienceSettings()
     usage: UsageSettings = UsageSettings()
+    prices: PricesSettings = PricesSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
     limits: UsageLimitsSettings = UsageLimitsSettings()
     profiles: tuple[str, ...] = ("local",)
