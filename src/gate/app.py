@@ -23,6 +23,7 @@ from gate.ops.errors import error_response
 from gate.ops.health import Health
 from gate.ops.logs import flush_access_log
 from gate.ops.telemetry import Telemetry
+from gate.policy.limits import Limits
 from gate.relay import Relay
 from gate.settings import GateSettings
 from gate.upstreams.anthropic import Upstream
@@ -55,6 +56,7 @@ class Gate:
     events: UsageEvents = field(init=False)
     health: Health = field(init=False)
     relay: Relay = field(init=False)
+    limits: Limits | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -64,7 +66,12 @@ class Gate:
         self.upstream = Upstream(s.anthropic.api)
         self.auth = Authenticator(s.security.jwt, dev_auth=s.dev_auth)
         self.auth.on_refresh = telemetry.on_jwks_refresh
-        self.keys = KeyPool(s.anthropic.api.usable_keys, s.anthropic.api.key_health, on_event=telemetry.on_key_event)
+        self.keys = KeyPool(
+            s.anthropic.api.usable_keys,
+            s.anthropic.api.key_health,
+            on_event=telemetry.on_key_event,
+            selection=s.anthropic.api.key_selection,
+        )
         self.breaker = CircuitBreaker(
             s.resilience.circuit_breaker, on_state_change=lambda old, new: telemetry.on_breaker_change(old, new)
         )
@@ -72,6 +79,17 @@ class Gate:
         self.prices = PriceTable.from_settings(s.prices)
         self.events = UsageEvents(s.usage, prices=self.prices)
         telemetry.set_usage_source(self.events)
+        if s.limits.enabled:
+            from gate.store.counters import open_counter_store
+
+            self.limits = Limits(
+                s.limits,
+                open_counter_store(s.limits.store),
+                self.prices,
+                on_refusal=telemetry.on_limits_refusal,
+                on_store_failure=telemetry.on_limits_store_failure,
+            )
+            telemetry.set_limits_source(self.limits)
         self.health = Health(self)
         self.relay = Relay(
             s,
@@ -81,6 +99,7 @@ class Gate:
             breaker=self.breaker,
             events=self.events,
             telemetry=telemetry,
+            limits=self.limits,
         )
 
     # ------------------------------------------------------------------------------------------- HTTP
@@ -95,6 +114,10 @@ class Gate:
         r.add("GET", "/", self._root)  # GET and HEAD: Claude Code probes the base URL
         r.add("HEAD", "/", self._root)
         r.add("GET", "/.well-known/jwks.json", self._jwks)
+        if self.limits is not None:
+            from gate.policy.admin import SpendLimitsApi
+
+            SpendLimitsApi(self.limits, self.auth, self.settings.limits.admin_group).routes(r)
         if management:
             self.add_management_routes(r)
         return r
@@ -151,6 +174,8 @@ class Gate:
         await self.upstream.start()
         await self.auth.start()
         await self.events.start()
+        if self.limits is not None:
+            await self.limits.start()
         if not self.keys:
             log.warning("no Anthropic API key is configured: /v1/* answers 503 until one is (see README)")
         log.info(
@@ -166,6 +191,8 @@ class Gate:
         self.draining = True
         flush_access_log()
         await self.events.close(self.settings.server.shutdown.flush_timeout)
+        if self.limits is not None:
+            await self.limits.close()
         await self.auth.close()
         await self.upstream.close()
         assert self.telemetry is not None

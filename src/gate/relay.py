@@ -27,6 +27,7 @@ from gate.identity.auth import Authenticator, AuthError, www_authenticate
 from gate.ops.errors import error_response, error_type_for
 from gate.ops.logs import access_line
 from gate.ops.telemetry import Telemetry
+from gate.policy.limits import Admission, Limits, Refusal
 from gate.settings import GateSettings
 from gate.upstreams.anthropic import Upstream, request_headers, response_headers
 from gate.upstreams.breaker import CircuitBreaker, CircuitOpenError, Permit
@@ -77,6 +78,8 @@ class _Call:
     server_span: Any = None
     client_span: Any = None
     response: StreamResponse | None = None
+    admission: Admission | None = None  # what the limits reserved for this call; settled with its records
+    affinity: str | None = None  # the session whose prompt cache a key should keep warm
 
 
 @dataclass(slots=True)
@@ -92,6 +95,7 @@ class _Attempt:
     key_failures: int = 0
     connect_failures: int = 0
     permit_done: bool = False
+    affinity: str | None = None
     headers_wait: float = 0.0  # time to upstream's response headers: what the breaker judges slowness by
 
 
@@ -115,8 +119,10 @@ class Relay:
         breaker: CircuitBreaker,
         events: UsageEvents,
         telemetry: Telemetry,
+        limits: Limits | None = None,
     ) -> None:
         api = settings.anthropic.api
+        self._limits = limits
         self._upstream = upstream
         self._auth = auth
         self._keys = keys
@@ -166,6 +172,8 @@ class Relay:
                 overhead = max(duration - call.upstream_wait, 0.0)
                 for record in call.records:
                     self._events.publish(record)
+                if call.admission is not None:
+                    call.admission.settle(call.records)  # no records (no upstream call): the reservation goes back
                 telemetry.record_request(
                     method=request.method,
                     route=route,
@@ -197,6 +205,13 @@ class Relay:
             model = parsed.get("model")
             call.model = model if isinstance(model, str) else None
             call.stream = parsed.get("stream") is True
+            if metered and self._limits is not None:
+                max_tokens = parsed.get("max_tokens")
+                verdict = await self._limits.admit(identity, call.model, len(body), max_tokens, call.stream)
+                if isinstance(verdict, Refusal):
+                    return verdict.response()
+                call.admission = verdict
+            call.affinity = _affinity(request.headers.get(_SESSION_ID), parsed, identity.sub)
         call.session_id = request.headers.get(_SESSION_ID)
         return await self._forward(request, call, body, metered=metered)
 
@@ -236,13 +251,14 @@ class Relay:
             body=body,
             permit=permit,
             metered=metered,
+            affinity=call.affinity,
         )
         key: Key | None = None
         try:
             while True:
                 if key is None:
                     try:
-                        key = self._keys.acquire(exclude=frozenset(attempt.tried))
+                        key = self._keys.acquire(exclude=frozenset(attempt.tried), affinity=call.affinity)
                     except NoKeyAvailable as exc:
                         self._breaker.release(permit)
                         attempt.permit_done = True
@@ -364,7 +380,7 @@ class Relay:
 
     def _next_key(self, attempt: _Attempt) -> Key | None:
         try:
-            return self._keys.acquire(exclude=frozenset(attempt.tried))
+            return self._keys.acquire(exclude=frozenset(attempt.tried), affinity=attempt.affinity)
         except NoKeyAvailable:
             return None
 
@@ -667,6 +683,15 @@ def _parse_json_object(body: bytes) -> dict[str, Any] | str:
     if not isinstance(parsed, dict):
         return "The request body must be a JSON object."
     return parsed
+
+
+def _affinity(session_id: str | None, body: dict[str, Any], sub: str) -> str:
+    """Which prompt cache a call belongs to: its Claude Code session, else ``metadata.user_id``, else the user."""
+    if session_id:
+        return session_id
+    metadata = body.get("metadata")
+    user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
+    return user_id if isinstance(user_id, str) and user_id else sub
 
 
 def _no_key_response(exc: NoKeyAvailable, *, retried: bool) -> Response:

@@ -31,6 +31,7 @@ from urllib.parse import quote
 
 from gate.accounting.usage import UsageRecord
 from gate.http.server import Response
+from gate.identity.auth import Identity
 from gate.ops.errors import error_response
 from gate.policy.periods import PERIODS, Period, Window, Windows, minute
 from gate.settings import RateSettings, UsageLimitsSettings
@@ -71,7 +72,8 @@ class Refusal:
     limit: str  # a short name for metrics: spend_user_daily, requests_per_minute_group, ...
 
     def response(self) -> Response:
-        return error_response(self.status, self.message, headers={"retry-after": str(self.retry_after)})
+        headers = {"retry-after": str(self.retry_after)}
+        return error_response(self.status, self.message, error_type=self.error_type, headers=headers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,13 +239,7 @@ class Limits:
     # ------------------------------------------------------------------------------------------- admission
 
     async def admit(
-        self,
-        sub: str,
-        groups: Iterable[str],
-        model: str | None,
-        body_size: int,
-        max_tokens: object,
-        stream: bool,
+        self, identity: Identity, model: str | None, body_size: int, max_tokens: object, stream: bool
     ) -> Admission | Refusal:
         """Reserve the call's estimate on every counter it touches, or refuse it naming the limit."""
         now = time.time()
@@ -254,7 +250,7 @@ class Limits:
         if model:
             estimate = self._prices.estimate(model, input_tokens=input_tokens, output_tokens=output_tokens)
         spend = nano(estimate) if estimate is not None else 0
-        counters = self.counters(sub, groups, now, stream=stream)
+        counters = self.counters(identity.sub, identity.groups, now, stream=stream)
         amounts = {"spend": spend, "requests": 1, "tokens": input_tokens + output_tokens, "streams": 1}
         charges = [(counter, amounts[counter.kind]) for counter in counters]
         try:

@@ -128,7 +128,7 @@ class RedisCounters:
         """Nothing to do: Redis expires counters itself."""
 
     async def spend_limits(self) -> list[SpendLimit]:
-        rows: dict[str, str] = await self._run(self._client.hgetall(self._limits_key))
+        rows: dict[str, str] = await self._run(self._client.hgetall(self._limits_key))  # type: ignore[arg-type]
         limits = [SpendLimit(**json.loads(value)) for value in rows.values()]
         return sorted(limits, key=lambda x: (x.scope_type, x.scope_id, x.period))
 
@@ -150,7 +150,9 @@ class RedisCounters:
         await self._run(pipe.execute())
 
     async def audit_log(self, limit: int) -> list[AuditEntry]:
-        entries = await self._run(self._client.xrevrange(self._audit_key, count=limit))
+        entries: list[tuple[str, dict[str, str]]] = await self._run(
+            self._client.xrevrange(self._audit_key, count=limit)  # type: ignore[arg-type]
+        )
         return [AuditEntry(**json.loads(fields["entry"])) for _id, fields in entries]
 
     # ------------------------------------------------------------------------------------------ internals
