@@ -1,4 +1,5 @@
-"""The ``gate`` command: ``serve``, ``config`` (effective settings, secrets masked) and ``token`` (dev tokens)."""
+"""The ``gate`` command: ``serve``, ``config`` (effective settings, secrets masked), ``token`` (dev tokens) and
+``usage`` (a user's standing against every spend cap and rate limit, read from the limits store)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     with_config(token)
     token.add_argument("--sub", required=True, help="the user (JWT sub claim)")
     token.add_argument("--ttl", default="1h", help="lifetime, e.g. 30m, 1h, 8h (default 1h)")
+
+    usage = commands.add_parser("usage", help="show a user's standing against every spend cap and rate limit")
+    with_config(usage)
+    usage.add_argument("--user", required=True, help="the user (JWT sub claim)")
+    usage.add_argument("--group", action="append", default=[], help="a group of the user; repeatable")
     return parser
 
 
@@ -64,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "token":
             return _token(args)
+        if args.command == "usage":
+            return _usage(args)
     except ConfigError as exc:
         sys.stderr.write(f"gate: {exc}\n")
         return 2
@@ -117,6 +125,24 @@ def _token(args: argparse.Namespace) -> int:
         sys.stderr.write(f"gate: {exc}\n")
         return 2
     sys.stdout.write(token + "\n")
+    return 0
+
+
+def _usage(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    if not settings.limits.enabled:
+        sys.stderr.write("gate: limits are not enabled (limits.enabled) in this configuration\n")
+        return 2
+    import asyncio
+
+    from gate.policy.limits import standing_report
+
+    try:
+        report = asyncio.run(standing_report(settings, args.user, args.group))
+    except ConnectionError as exc:
+        sys.stderr.write(f"gate: {exc}\n")
+        return 1
+    sys.stdout.write(report)
     return 0
 
 

@@ -34,10 +34,21 @@ from gate.http.server import Response
 from gate.identity.auth import Identity
 from gate.ops.errors import error_response
 from gate.policy.periods import PERIODS, Period, Window, Windows, minute
-from gate.settings import RateSettings, UsageLimitsSettings
+from gate.settings import GateSettings, RateSettings, UsageLimitsSettings
 from gate.store.counters import Charge, CounterStore, Delta, Overdrawn, SpendLimit, StoreUnavailable
 
-__all__ = ["NANO_PER_USD", "Admission", "Limits", "Pricer", "Refusal", "Standing", "iso", "nano", "usd"]
+__all__ = [
+    "NANO_PER_USD",
+    "Admission",
+    "Limits",
+    "Pricer",
+    "Refusal",
+    "Standing",
+    "iso",
+    "nano",
+    "standing_report",
+    "usd",
+]
 
 log = logging.getLogger("gate.limits")
 
@@ -553,3 +564,32 @@ def usd(nano_dollars: int) -> Decimal:
 
 def iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def standing_report(settings: GateSettings, sub: str, groups: Sequence[str]) -> str:
+    """``gate usage``: one line per limit a call of ``sub`` meets, read from the configured store."""
+    from gate.accounting.prices import PriceTable
+    from gate.store.counters import open_counter_store
+
+    limits = Limits(settings.limits, open_counter_store(settings.limits.store), PriceTable.from_settings(settings))
+    try:
+        await limits.store.start()
+        await limits.refresh_caps()
+        rows = await limits.standing(sub, groups)
+    except StoreUnavailable as exc:
+        raise ConnectionError(f"the limits store is unavailable: {exc}") from None
+    finally:
+        await limits.store.close()
+    lines = [f"Standing of user {sub}" + (f" (groups: {', '.join(groups)})" if groups else "") + ":"]
+    for row in rows:
+        who = _who(row.scope_type, row.scope_id)
+        resets = "" if row.resets_at is None else f", resets {iso(row.resets_at)}"
+        if row.kind == "spend":
+            cap = "no cap" if row.limit is None else f"of ${usd(row.limit):.2f}"
+            lines.append(f"  spend    {row.period:<8} {who:<28} ${usd(row.used):.2f} {cap}{resets}")
+        elif row.kind == "streams":
+            lines.append(f"  streams  {'now':<8} {who:<28} {row.used} of {row.limit} at once")
+        else:
+            unit = "requests/min" if row.kind == "requests" else "tokens/min"
+            lines.append(f"  rate     {'minute':<8} {who:<28} {row.used} of {row.limit} {unit}{resets}")
+    return "\n".join(lines) + "\n"
