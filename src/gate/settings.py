@@ -368,7 +368,7 @@ class StoreSettings(_Section):
 
     type: Literal["sqlite", "postgresql", "redis"] = "sqlite"
     on_failure: Literal["open", "closed"] = "open"  # store unreachable: admit unchecked, or refuse (503)
-    timeout: Duration = 0.5  # each store operation; past it the store counts as down
+    timeout: Duration = 1.0  # each store operation; past it the store counts as down
     sqlite: SqliteStoreSettings = SqliteStoreSettings()
     postgresql: PostgresStoreSettings = PostgresStoreSettings()
     redis: RedisStoreSettings = RedisStoreSettings()

@@ -265,6 +265,9 @@ class Limits:
         amounts = {"spend": spend, "requests": 1, "tokens": input_tokens + output_tokens, "streams": 1}
         charges = [(counter, amounts[counter.kind]) for counter in counters]
         try:
+            if self._pending:
+                # Usage kept while the store was down goes in first, so that this reservation sees it.
+                await self._flush_pending(strict=True)
             overdrawn = await self._store.reserve(
                 [Charge(c.key, amount, c.limit, self._expiry(c, now)) for c, amount in charges]
             )
@@ -388,15 +391,14 @@ class Limits:
 
     async def _apply(self, deltas: list[Delta]) -> None:
         try:
-            await self._store.add([*self._pending.values(), *deltas] if self._pending else deltas)
+            await self._store.add(deltas)
         except StoreUnavailable as exc:
             self._failed(exc)
             self._keep(deltas)
             return
-        self._pending.clear()
         self._succeeded()
 
-    def _keep(self, deltas: list[Delta]) -> None:
+    def _keep(self, deltas: Iterable[Delta]) -> None:
         """Hold deltas the store could not take, summed per counter, to add when it is back."""
         for delta in deltas:
             known = self._pending.pop(delta.key, None)
@@ -408,18 +410,19 @@ class Limits:
             del self._pending[dropped]
             log.warning("limits store down too long: dropped the unsaved usage of counter %s", dropped)
 
-    async def _flush_pending(self) -> None:
+    async def _flush_pending(self, *, strict: bool = False) -> None:
+        """Add the usage kept while the store was down; ``strict`` lets a failure reach the caller."""
         if not self._pending:
             return
-        pending = list(self._pending.values())
+        pending, self._pending = self._pending, {}  # deltas kept meanwhile start a new batch
         try:
-            await self._store.add(pending)
+            await self._store.add(list(pending.values()))
         except StoreUnavailable as exc:
+            self._keep(pending.values())
+            if strict:
+                raise
             self._failed(exc)
             return
-        for delta in pending:
-            if self._pending.get(delta.key) is delta:
-                del self._pending[delta.key]
         log.info("limits store is back: added the usage of %d counters kept while it was down", len(pending))
 
     async def _refresh_forever(self) -> None:
