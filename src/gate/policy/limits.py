@@ -55,6 +55,7 @@ log = logging.getLogger("gate.limits")
 NANO_PER_USD = Decimal(1_000_000_000)
 NANO_PER_CENT = 10_000_000
 STREAM_SLOT_TTL = 3600.0  # a replica that dies holding stream slots gives them back after this
+SETTLE_BATCH = 0.005  # settled deltas wait this long for others to share their store operation
 _MAX_PENDING = 100_000  # counters kept in memory while the store is down, before the oldest are dropped
 ORGANIZATION = "*"
 
@@ -206,6 +207,8 @@ class Limits:
         )
         self._api_limits: list[SpendLimit] = []
         self._state = _StoreState()
+        self._unsent: dict[str, Delta] = {}  # settled deltas waiting for the next batch
+        self._settler: asyncio.Task[None] | None = None
         self._pending: dict[str, Delta] = {}  # deltas the store could not take yet
         self._tasks: set[asyncio.Task[None]] = set()
         self._refresher: asyncio.Task[None] | None = None
@@ -231,6 +234,8 @@ class Limits:
         if self._refresher is not None:
             self._refresher.cancel()
             await asyncio.gather(self._refresher, return_exceptions=True)
+        if self._settler is not None:
+            await asyncio.wait([self._settler], timeout=2.0)
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=2.0)
         await self._flush_pending()
@@ -377,26 +382,33 @@ class Limits:
             actual = {"spend": spent, "tokens": tokens, "requests": 1, "streams": 0}
         else:
             actual = {"spend": 0, "tokens": 0, "requests": 0, "streams": 0}
-        deltas = []
+        unsent = self._unsent
         for counter, amount in charges:
             if not reserved and counter.kind in ("requests", "streams"):
                 continue  # admitted unchecked: these were never counted, and their moment has passed
-            delta = actual[counter.kind] - (amount if reserved else 0)
-            if delta:
-                deltas.append(Delta(counter.key, delta, self._expiry(counter, now)))
-        if deltas:
-            task = asyncio.get_running_loop().create_task(self._apply(deltas))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            change = actual[counter.kind] - (amount if reserved else 0)
+            if not change:
+                continue
+            expires_at = self._expiry(counter, now)
+            known = unsent.get(counter.key)
+            if known is not None:
+                change, expires_at = known.amount + change, max(known.expires_at, expires_at)
+            unsent[counter.key] = Delta(counter.key, change, expires_at)
+        if unsent and (self._settler is None or self._settler.done()):
+            self._settler = asyncio.get_running_loop().create_task(self._settle_unsent())
 
-    async def _apply(self, deltas: list[Delta]) -> None:
-        try:
-            await self._store.add(deltas)
-        except StoreUnavailable as exc:
-            self._failed(exc)
-            self._keep(deltas)
-            return
-        self._succeeded()
+    async def _settle_unsent(self) -> None:
+        """Send the settled deltas in batches: under load one store operation serves many calls."""
+        while self._unsent:
+            await asyncio.sleep(SETTLE_BATCH)
+            batch, self._unsent = self._unsent, {}
+            try:
+                await self._store.add(list(batch.values()))
+            except StoreUnavailable as exc:
+                self._failed(exc)
+                self._keep(batch.values())
+                continue
+            self._succeeded()
 
     def _keep(self, deltas: Iterable[Delta]) -> None:
         """Hold deltas the store could not take, summed per counter, to add when it is back."""
