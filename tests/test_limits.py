@@ -456,3 +456,34 @@ async def test_fail_closed_refuses_with_503_and_fail_open_admits_unchecked() -> 
         else:
             assert isinstance(verdict, Admission)
     assert failures == ["closed", "open"]
+
+
+def test_admin_api_answers_bad_input_in_anthropics_error_shape(
+    start_gate: Callable[..., RunningGate], priced: FakeAnthropic, tmp_path: Path
+) -> None:
+    gate = start_gate(limits=limits_section(tmp_path))
+    admin = {"authorization": f"Bearer {token_for(gate.settings, 'root', ['gate-admins'])}"}
+    base = gate.url + "/v1/organizations/spend_limits"
+    cases = [
+        httpx.post(base, headers=admin, content=b"\xff\xfe not json"),
+        httpx.post(base, headers=admin, json=["a", "list"]),
+        httpx.post(base, headers=admin, json={"scope_type": "user", "scope_id": "", "period": "daily", "amount": 1}),
+        httpx.post(base, headers=admin, json={"scope_type": "user", "scope_id": "u", "period": "hourly", "amount": 1}),
+        httpx.post(base, headers=admin, json={"scope_type": "user", "scope_id": "u", "period": "daily", "amount": -1}),
+        httpx.post(
+            base, headers=admin, json={"scope_type": "user", "scope_id": "u", "period": "daily", "amount_usd": "1.001"}
+        ),
+        httpx.post(
+            base, headers=admin, json={"scope_type": "user", "scope_id": "u", "period": "daily", "amount": True}
+        ),
+        httpx.post(base, headers=admin, content=b"{" * 70_000),
+        httpx.get(base + "/effective", headers=admin),
+        httpx.get(base + "/audit?limit=abc", headers=admin),
+        httpx.get(gate.url + "/v1/organizations/spend?scope_type=nobody", headers=admin),
+    ]
+    for response in cases:
+        assert response.status_code == 400, response.text
+        error = response.json()
+        assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+    assert httpx.put(base + "/sl_missing", headers=admin, json={"amount": 1}).status_code == 404
+    assert httpx.get(base + "/audit", headers=admin).json()["data"] == []  # nothing bad was recorded
