@@ -76,8 +76,8 @@ def test_config_prints_yaml_with_every_secret_masked(command: list[str], tmp_pat
         assert secret not in everything
     shown = yaml.safe_load(done.stdout)
     keys = shown["anthropic"]["api"]["keys"]
-    assert keys[0] == {"alias": "primary", "value": "******"}
-    assert keys[1] == {"alias": "secondary", "value": "******"}
+    assert keys[0] == {"alias": "primary", "value": "******", "organization": None}
+    assert keys[1] == {"alias": "secondary", "value": "******", "organization": None}
     assert shown["usage"]["rabbitmq"]["url"] == "******"
     assert shown["security"]["jwt"]["jwk-set-uri"] == "https://reader:******@idp.example.com/jwks"
     assert shown["profiles"] == ["local"]

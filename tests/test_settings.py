@@ -369,7 +369,7 @@ def test_masked_configuration_hides_every_secret(tmp_path: Path) -> None:
     for secret in ("sk-ant-primary-secret", "sk-ant-second-secret", "rabbit-secret", "idp-secret", "egress-token"):
         assert secret not in dumped
     masked = settings.masked()
-    assert masked["anthropic"]["api"]["keys"][0] == {"alias": "primary", "value": "******"}
+    assert masked["anthropic"]["api"]["keys"][0] == {"alias": "primary", "value": "******", "organization": None}
     assert masked["usage"]["rabbitmq"]["url"] == "******"
     assert masked["security"]["jwt"]["jwk-set-uri"] == "https://reader:******@idp.example.com/jwks.json"
     assert masked["anthropic"]["api"]["base-url"] == "https://******@egress.example.com"
