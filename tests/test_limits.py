@@ -487,3 +487,41 @@ def test_admin_api_answers_bad_input_in_anthropics_error_shape(
         assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
     assert httpx.put(base + "/sl_missing", headers=admin, json={"amount": 1}).status_code == 404
     assert httpx.get(base + "/audit", headers=admin).json()["data"] == []  # nothing bad was recorded
+
+
+async def test_a_client_that_leaves_during_the_reservation_gets_nothing_kept(tmp_path: Path) -> None:
+    from gate.store.sqlite_counters import SqliteCounters
+
+    class Slow(SqliteCounters):
+        gate = asyncio.Event()
+
+        landed = False
+
+        async def reserve(self, charges: Any) -> Any:
+            await self.gate.wait()
+            result = await super().reserve(charges)
+            Slow.landed = result is None
+            return result
+
+    store = Slow(SqliteStoreSettings(path=str(tmp_path / "slow.sqlite3")))
+    rate = {"user": {"concurrent-streams": 1}}
+    settings = UsageLimitsSettings(enabled=True, rate=rate)  # type: ignore[arg-type]
+    limits = Limits(settings, store, _Prices())
+    await limits.start()
+    identity = Identity(sub="gone", expires_at=None)
+    admitting = asyncio.create_task(limits.admit(identity, MODEL, 100, 10, True))
+    await asyncio.sleep(0.01)
+    admitting.cancel()
+    Slow.gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await admitting
+    for _ in range(100):  # the reservation lands, then is given back
+        await asyncio.sleep(0.01)
+        if not Slow.landed:
+            continue
+        standing = {r.kind: r.used for r in await limits.standing("gone", []) if r.scope_type == "user"}
+        if standing["streams"] == 0 and standing["spend"] == 0:
+            break
+    assert Slow.landed and standing["streams"] == 0 and standing["spend"] == 0
+    assert isinstance(await limits.admit(identity, MODEL, 100, 10, True), Admission)  # the slot is free
+    await limits.close()

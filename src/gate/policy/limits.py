@@ -273,9 +273,15 @@ class Limits:
             if self._pending:
                 # Usage kept while the store was down goes in first, so that this reservation sees it.
                 await self._flush_pending(strict=True)
-            overdrawn = await self._store.reserve(
-                [Charge(c.key, amount, c.limit, self._expiry(c, now)) for c, amount in charges]
+            reserving = asyncio.ensure_future(
+                self._store.reserve([Charge(c.key, amount, c.limit, self._expiry(c, now)) for c, amount in charges])
             )
+            try:
+                overdrawn = await asyncio.shield(reserving)
+            except asyncio.CancelledError:
+                # The client left while the store worked: whatever it reserved goes back once it is done.
+                reserving.add_done_callback(lambda done: self._undo(done, charges))
+                raise
         except StoreUnavailable as exc:
             self._failed(exc)
             if self._fail_open:
@@ -370,6 +376,10 @@ class Limits:
         if counter.kind == "spend":
             return counter.window.end + self._retention
         return counter.window.end + 60.0
+
+    def _undo(self, done: asyncio.Future[Overdrawn | None], charges: list[tuple[_Counter, int]]) -> None:
+        if not done.cancelled() and done.exception() is None and done.result() is None:
+            self.reconcile(charges, True, ())
 
     # ------------------------------------------------------------------------------------------- settling
 
