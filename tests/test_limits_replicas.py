@@ -228,11 +228,17 @@ def test_three_replicas_hold_a_shared_cap(
             f"spent unchecked during the outage: ${unchecked}); then {after.count(200)} admitted and "
             f"{len(after) - after.count(200)} refused"
         )
+        if os.environ.get("GATE_DEBUG_REPLICAS"):
+            for replica in replicas:
+                lines = [x for x in replica.log.read_text().splitlines() if "gate.limits" in x or '"status"' in x]
+                print(replica.port, *[x[:260] for x in lines[-30:]], sep="\n  ")
         if outage == "open":
-            # The outage's spend was kept and added once the store was back: the cap held from then on, apart from
-            # what reached a replica before the usage kept by another was added (one call per replica at most).
-            assert overshoot <= unchecked + 3 * ESTIMATE
-            assert after.count(200) <= 3
+            # Each replica kept what its unchecked calls cost and added it at its next call (or within caps-refresh)
+            # once the store was back. Until the last replica has done so, the others see an incomplete count: the
+            # first batch after the outage can pass; from then on the cap holds.
+            assert overshoot <= unchecked + CONCURRENCY * ESTIMATE
+            assert after.count(200) <= CONCURRENCY
+            assert after[-CONCURRENCY:] == [429] * CONCURRENCY
         else:
             assert overshoot <= ESTIMATE
             assert spent > CAP - CONCURRENCY * ESTIMATE  # the cap was reached, not merely approached

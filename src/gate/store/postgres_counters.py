@@ -38,6 +38,7 @@ _MIGRATION_LOCK = 0x6761746531  # pg_advisory_lock key: one replica migrates, th
 # Lock ordering makes deadlocks rare, not impossible (a new row is locked when inserted): PostgreSQL then aborts
 # one statement, which is simply run again.
 _RETRIED = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
+_CONNECTION_LOST = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.exceptions.PostgresConnectionError)
 
 
 class PostgresCounters:
@@ -200,6 +201,10 @@ class PostgresCounters:
         except StoreUnavailable:
             raise
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            if self._pool is not None and isinstance(exc, _CONNECTION_LOST):
+                # A lost connection means the others are likely lost too: replace them all on their next use
+                # rather than fail one call per dead connection once the database is back.
+                self._pool.expire_connections()
             raise StoreUnavailable(f"postgresql store: {type(exc).__name__}: {_safe(exc)}") from None
 
     async def _ensure_pool(self) -> asyncpg.Pool:
