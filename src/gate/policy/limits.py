@@ -57,6 +57,7 @@ NANO_PER_CENT = 10_000_000
 STREAM_SLOT_TTL = 3600.0  # a replica that dies holding stream slots gives them back after this
 SETTLE_BATCH = 0.005  # settled deltas wait this long for others to share their store operation
 _MAX_PENDING = 100_000  # counters kept in memory while the store is down, before the oldest are dropped
+_MAX_MEMO = 10_000  # callers whose counters are kept built
 ORGANIZATION = "*"
 
 
@@ -206,6 +207,7 @@ class Limits:
             }
         )
         self._api_limits: list[SpendLimit] = []
+        self._memo: dict[tuple[str, frozenset[str], bool, int], list[_Counter]] = {}
         self._state = _StoreState()
         self._unsent: dict[str, Delta] = {}  # settled deltas waiting for the next batch
         self._settler: asyncio.Task[None] | None = None
@@ -244,7 +246,10 @@ class Limits:
     async def refresh_caps(self) -> None:
         limits = await self._store.spend_limits()
         self._api_limits = limits
-        self._caps.api = {(x.scope_type, x.scope_id, x.period): x.amount * NANO_PER_CENT for x in limits}
+        api = {(x.scope_type, x.scope_id, x.period): x.amount * NANO_PER_CENT for x in limits}
+        if api != self._caps.api:
+            self._caps.api = api
+            self._memo.clear()
 
     def api_limits(self) -> list[SpendLimit]:
         return list(self._api_limits)
@@ -303,7 +308,23 @@ class Limits:
         return refusal
 
     def counters(self, sub: str, groups: Iterable[str], now: float, *, stream: bool) -> list[_Counter]:
-        """Every counter a call of ``sub`` (in ``groups``) touches now, with its limit (None: only counted)."""
+        """Every counter a call of ``sub`` (in ``groups``) touches now, with its limit (None: only counted).
+
+        Memoised until the minute (the shortest window) ends or the caps change: building the keys was most of
+        the limits' own CPU time per call.
+        """
+        this_minute = int(now // 60)
+        memo_key = (sub, frozenset(groups), stream, this_minute)
+        found = self._memo.get(memo_key)
+        if found is not None:
+            return found
+        if len(self._memo) >= _MAX_MEMO:
+            self._memo.clear()
+        built = self._build_counters(sub, memo_key[1], now, stream=stream)
+        self._memo[memo_key] = built
+        return built
+
+    def _build_counters(self, sub: str, groups: Iterable[str], now: float, *, stream: bool) -> list[_Counter]:
         scopes: list[tuple[str, str]] = [("user", sub), *(("rbac_group", g) for g in sorted(groups))]
         scopes.append(("organization", ORGANIZATION))
         counters: list[_Counter] = []
