@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections for the throughput run")
-    parser.add_argument("--work-dir", default=str(ROOT / "benchmarks" / "work-limits"))
+    parser.add_argument("--work-dir", default=str(ROOT / "benchmarks" / ".work" / "limits"))
     args = parser.parse_args(argv)
     if not wrk_available():
         sys.stderr.write("wrk is not installed (apt-get install wrk)\n")
