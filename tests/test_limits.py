@@ -525,3 +525,27 @@ async def test_a_client_that_leaves_during_the_reservation_gets_nothing_kept(tmp
     assert Slow.landed and standing["streams"] == 0 and standing["spend"] == 0
     assert isinstance(await limits.admit(identity, MODEL, 100, 10, True), Admission)  # the slot is free
     await limits.close()
+
+
+@pytest.mark.parametrize("kind", ["postgresql", "redis"])
+def test_gate_starts_with_its_store_down_and_fails_closed_with_503(
+    kind: str, start_gate: Callable[..., RunningGate], priced: FakeAnthropic, tmp_path: Path
+) -> None:
+    with socket_closed() as port:
+        url = (
+            f"postgresql://postgres:pg-secret@127.0.0.1:{port}/x"
+            if kind == "postgresql"
+            else f"redis://:rd-secret@127.0.0.1:{port}/0"
+        )
+        store = {"type": kind, "on-failure": "closed", kind: {"url": url}}
+        gate = start_gate(limits=limits_section(tmp_path, store=store))
+        refused = post(gate, token_for(gate.settings, "gus"), request_body())
+        assert refused.status_code == 503 and refused.json()["error"]["type"] == "overloaded_error"
+        assert "limits store is unavailable" in refused.json()["error"]["message"]
+        assert refused.headers["retry-after"] == "5"
+        assert priced.received == []
+        health = httpx.get(gate.url + "/actuator/health", timeout=10)
+        assert health.status_code == 503
+        component = health.json()["components"]["limitsStore"]
+        assert component["status"] == "DOWN" and component["details"]["onFailure"] == "closed"
+        assert "secret" not in health.text
