@@ -215,3 +215,52 @@ def _cut(payload: bytes, cuts: list[int] | None) -> list[bytes]:
     if at < len(payload):
         pieces.append(payload[at:])
     return [p for p in pieces if p]
+
+
+class PromptCache:
+    """A responder that simulates Anthropic's prompt cache, which lives per organisation.
+
+    Each key (``x-api-key``) belongs to an organisation (``organizations``, else its own). A request's prompt is
+    its system text and messages; like Claude Code's, every request caches its whole prompt, so a later request
+    of the same conversation reads the longest prefix its organisation has seen (``cache_read_input_tokens``) and
+    writes the rest (``cache_creation_input_tokens``). Tokens are counted as a quarter of the JSON's bytes.
+    """
+
+    def __init__(self, organizations: dict[str, str] | None = None, model: str = "claude-sonnet-4-5") -> None:
+        self.organizations = organizations or {}
+        self.model = model
+        self.seen: dict[str, set[str]] = {}
+
+    def __call__(self, received: Received) -> Reply:
+        import hashlib
+
+        body = json.loads(received.body)
+        key = received.headers.get("x-api-key", "")
+        cache = self.seen.setdefault(self.organizations.get(key, key), set())
+        parts = [json.dumps(body.get("system", ""))] + [json.dumps(m) for m in body.get("messages", [])]
+        digest = hashlib.sha256()
+        prefixes: list[tuple[str, int]] = []
+        tokens = 0
+        for part in parts:
+            digest.update(part.encode())
+            tokens += len(part) // 4 + 1
+            prefixes.append((digest.hexdigest(), tokens))
+        read = max((count for name, count in prefixes if name in cache), default=0)
+        cache.update(name for name, _ in prefixes)
+        usage = {
+            "input_tokens": 3,
+            "output_tokens": 20,
+            "cache_creation_input_tokens": tokens - read,
+            "cache_read_input_tokens": read,
+        }
+        message = {
+            "id": f"msg_cache_{len(received.body)}",
+            "type": "message",
+            "role": "assistant",
+            "content": [{"type": "text", "text": "ok"}],
+            "model": self.model,
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": usage,
+        }
+        return Reply(body=json.dumps(message).encode(), stream=False)

@@ -81,8 +81,8 @@ def test_config_prints_yaml_with_every_secret_masked(command: list[str], tmp_pat
         assert secret not in everything
     shown = yaml.safe_load(done.stdout)
     keys = shown["anthropic"]["api"]["keys"]
-    assert keys[0] == {"alias": "primary", "value": "***"}
-    assert keys[1] == {"alias": "secondary", "value": "***"}
+    assert keys[0] == {"alias": "primary", "value": "***", "organization": None}
+    assert keys[1] == {"alias": "secondary", "value": "***", "organization": None}
     # Only the user info is masked: the host says which broker and which identity provider are meant.
     assert shown["usage"]["rabbitmq"]["url"] == "amqp://***@mq.internal:5672/"
     assert shown["security"]["jwt"]["jwk-set-uri"] == "https://***@idp.example.com/jwks"

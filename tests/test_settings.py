@@ -383,7 +383,7 @@ def test_masked_configuration_hides_every_secret(tmp_path: Path) -> None:
     for secret in ("sk-ant-primary-secret", "sk-ant-second-secret", "rabbit-secret", "idp-secret", "idp-token"):
         assert secret not in dumped
     masked = settings.masked()
-    assert masked["anthropic"]["api"]["keys"][0] == {"alias": "primary", "value": "***"}
+    assert masked["anthropic"]["api"]["keys"][0] == {"alias": "primary", "value": "***", "organization": None}
     # Only the user info goes: the host and path say which broker and which IdP are meant.
     assert masked["usage"]["rabbitmq"]["url"] == "amqp://***@mq:5672/"
     assert masked["security"]["jwt"]["jwk-set-uri"] == "https://***@idp.example.com/jwks.json?access_token=***"

@@ -26,6 +26,7 @@ from gate.ops.logs import flush_access_log
 from gate.ops.otlp_relay import TelemetryRelay
 from gate.ops.telemetry import Telemetry
 from gate.policy.groups import PolicyBook
+from gate.policy.limits import Limits
 from gate.policy.managed import ManagedSettings
 from gate.policy.models import ModelPolicy
 from gate.relay import Relay
@@ -79,6 +80,7 @@ class Gate:
     otlp: TelemetryRelay = field(init=False)
     signin: SignIn | None = None  # when sign-in is enabled
     management_port: int | None = field(init=False, default=None)  # bound, when /actuator/* has its own port
+    limits: Limits | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -89,7 +91,9 @@ class Gate:
         self.auth = Authenticator(s.security.jwt, dev_auth=s.dev_auth)
         self.auth.on_refresh = telemetry.on_jwks_refresh
         api = s.anthropic.api
-        self.keys = KeyPool(api.usable_keys, api.key_health, on_event=telemetry.on_key_event)
+        self.keys = KeyPool(
+            api.usable_keys, api.key_health, on_event=telemetry.on_key_event, selection=api.key_selection
+        )
         self.prober = KeyProber(
             self.keys,
             self.upstream,
@@ -104,6 +108,17 @@ class Gate:
         self.prices = PriceTable.from_settings(s.prices)
         self.events = UsageEvents(s.usage, prices=self.prices)
         telemetry.set_usage_source(self.events)
+        if s.limits.enabled:
+            from gate.store.counters import open_counter_store
+
+            self.limits = Limits(
+                s.limits,
+                open_counter_store(s.limits.store),
+                self.prices,
+                on_refusal=telemetry.on_limits_refusal,
+                on_store_failure=telemetry.on_limits_store_failure,
+            )
+            telemetry.set_limits_source(self.limits)
         self.health = Health(self)
         book = PolicyBook(s.policies)
         self.managed = ManagedSettings(book, self.auth, pushed_env=_otlp_env(s))
@@ -125,6 +140,7 @@ class Gate:
             events=self.events,
             telemetry=telemetry,
             policy=ModelPolicy(book) if book.restricts_models else None,
+            limits=self.limits,
         )
 
     def _adapter(self, settings: UpstreamSettings, *, first: bool) -> Adapter:
@@ -168,6 +184,10 @@ class Gate:
             r.add("POST", path, self.otlp.handle)
         if self.signin is not None:
             self.signin.add_routes(r)
+        if self.limits is not None:
+            from gate.policy.admin import SpendLimitsApi
+
+            SpendLimitsApi(self.limits, self.auth, self.settings.limits.admin_group).routes(r)
         if management:
             self.add_management_routes(r)
         return r
@@ -232,6 +252,8 @@ class Gate:
             await self.signin.start()
         await self.otlp.start()
         await self.events.start()
+        if self.limits is not None:
+            await self.limits.start()
         if not self.keys and any(a.kind == "anthropic" for a in self.upstreams):
             log.warning("no Anthropic API key is configured: /v1/* answers 503 until one is (see README)")
 
@@ -253,6 +275,8 @@ class Gate:
         await self.otlp.close()
         if self.signin is not None:
             await self.signin.close()
+        if self.limits is not None:
+            await self.limits.close()
         await self.auth.close()
         await self.prober.close()
         await self.upstream.close()

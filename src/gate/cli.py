@@ -1,6 +1,6 @@
 """The ``gate`` command: ``serve``, ``config`` (effective settings, secrets masked, the source of each value),
-``token`` (dev tokens) and ``usage-sink`` (usage events from the broker into PostgreSQL / BigQuery, with the usage
-report)."""
+``token`` (dev tokens), ``usage`` (a user's standing against every spend cap and rate limit, read from the limits
+store) and ``usage-sink`` (usage events from the broker into PostgreSQL / BigQuery, with the usage report)."""
 
 from __future__ import annotations
 
@@ -57,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     with_config(sink)
     sink.add_argument("--port", type=int, help="HTTP port for health, metrics and the report (usage-sink.server.port)")
     sink.add_argument("--migrate-only", action="store_true", help="apply the schema migrations, then exit")
+    usage = commands.add_parser("usage", help="show a user's standing against every spend cap and rate limit")
+    with_config(usage)
+    usage.add_argument("--user", required=True, help="the user (JWT sub claim)")
+    usage.add_argument("--group", action="append", default=[], help="a group of the user; repeatable")
     return parser
 
 
@@ -84,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _token(args)
         if args.command == "usage-sink":
             return _usage_sink(args)
+        if args.command == "usage":
+            return _usage(args)
     except ConfigError as exc:
         if exc.sources is not None:
             _warn(exc.sources)
@@ -215,6 +221,24 @@ def _token(args: argparse.Namespace) -> int:
         sys.stderr.write(f"gate: {exc}\n")
         return 2
     sys.stdout.write(token + "\n")
+    return 0
+
+
+def _usage(args: argparse.Namespace) -> int:
+    settings, _sources = _load(args)
+    if not settings.limits.enabled:
+        sys.stderr.write("gate: limits are not enabled (limits.enabled) in this configuration\n")
+        return 2
+    import asyncio
+
+    from gate.policy.limits import standing_report
+
+    try:
+        report = asyncio.run(standing_report(settings, args.user, args.group))
+    except ConnectionError as exc:
+        sys.stderr.write(f"gate: {exc}\n")
+        return 1
+    sys.stdout.write(report)
     return 0
 
 

@@ -29,6 +29,7 @@ from gate.identity.auth import Authenticator, AuthError, www_authenticate
 from gate.ops.errors import error_response, error_type_for
 from gate.ops.logs import access_line
 from gate.ops.telemetry import Telemetry
+from gate.policy.limits import Admission, Limits, Refusal
 from gate.policy.models import ModelPolicy
 from gate.settings import GateSettings
 from gate.upstreams.adapter import Adapter, Answer, Outgoing, Upstreams, UpstreamUnavailable, beta_values
@@ -94,6 +95,8 @@ class _Exchange:
     server_span: Any = None
     client_span: Any = None
     response: StreamResponse | None = None
+    admission: Admission | None = None  # what the limits reserved for this call; settled with its records
+    affinity: str | None = None  # the session whose prompt cache a key should keep warm
 
 
 @dataclass(slots=True)
@@ -110,6 +113,7 @@ class _Attempts:
     permit: Permit
     metered: bool
     can_fail_over: bool
+    affinity: str | None = None  # the prompt cache a key should keep warm (session-affinity selection)
     tried: set[str] = field(default_factory=set)
     key_failures: int = 0
     connect_failures: int = 0
@@ -213,9 +217,11 @@ class Relay:
         events: UsageEvents,
         telemetry: Telemetry,
         policy: ModelPolicy | None = None,
+        limits: Limits | None = None,
     ) -> None:
         api = settings.anthropic.api
         self._policy = policy
+        self._limits = limits
         self._upstreams = upstreams
         self._auth = auth
         self._events = events
@@ -224,10 +230,10 @@ class Relay:
         self._key_attempts = api.retry.key_attempts
         self._headers_timeout = api.timeouts.response_headers
         self._idle_timeout = api.timeouts.stream_idle
-        limits = settings.server.limits
-        self._send_timeout = limits.send_timeout
-        self._max_body = limits.max_body_size
-        self._body_timeout = limits.body_timeout
+        server_limits = settings.server.limits
+        self._send_timeout = server_limits.send_timeout
+        self._max_body = server_limits.max_body_size
+        self._body_timeout = server_limits.body_timeout
         self._access_log = settings.observability.logging.access_log
         shortest = min(self._headers_timeout, self._idle_timeout, self._send_timeout, self._body_timeout)
         self._watchdogs = _Watchdogs(max(min(1.0, shortest / 8), 0.005))
@@ -265,6 +271,9 @@ class Relay:
                 overhead = max(duration - exchange.upstream_wait, 0.0)
                 for record in exchange.records:
                     self._events.publish(record)
+                if exchange.admission is not None:
+                    # no records (no upstream call): the reservation goes back
+                    exchange.admission.settle(exchange.records)
                 telemetry.record_request(
                     method=request.method,
                     route=route,
@@ -307,6 +316,15 @@ class Relay:
         if self._policy is not None and (answer := self._policy.answer(identity, request, exchange.model)) is not None:
             return answer  # refused (or /v1/models answered) by model policy: no upstream call, no usage event
         exchange.session_id = request.headers.get(_SESSION_ID)
+        if parsed is not None and body is not None:
+            if metered and self._limits is not None:
+                verdict = await self._limits.admit(
+                    identity, exchange.model, len(body), parsed.get("max_tokens"), exchange.stream
+                )
+                if isinstance(verdict, Refusal):
+                    return verdict.response()  # a 429 naming the limit: no upstream call, no usage event
+                exchange.admission = verdict
+            exchange.affinity = _affinity(exchange.session_id, parsed, identity.sub)
         # The body is parsed and the caller known: checks of the request itself go here, before any upstream.
         return await self._forward(request, exchange, body, parsed, metered=metered)
 
@@ -369,6 +387,7 @@ class Relay:
                 permit=permit,
                 metered=metered,
                 can_fail_over=index < len(candidates) - 1,
+                affinity=exchange.affinity,
             )
             try:
                 outcome = await self._try_upstream(request, exchange, attempts)
@@ -399,7 +418,7 @@ class Relay:
         while True:
             if keys is not None and key is None:
                 try:
-                    key = keys.acquire(exclude=frozenset(attempts.tried))
+                    key = keys.acquire(exclude=frozenset(attempts.tried), affinity=attempts.affinity)
                 except NoKeyAvailable as exc:
                     return self._give_up(attempts, _no_key_response(exc, retried=bool(attempts.tried)))
             if key is not None:
@@ -524,7 +543,7 @@ class Relay:
         if keys is None:
             return None
         try:
-            return keys.acquire(exclude=frozenset(attempts.tried))
+            return keys.acquire(exclude=frozenset(attempts.tried), affinity=attempts.affinity)
         except NoKeyAvailable:
             return None
 
@@ -856,6 +875,15 @@ def _parse_json_object(body: bytes) -> dict[str, Any] | str:
     if not isinstance(parsed, dict):
         return "The request body must be a JSON object."
     return parsed
+
+
+def _affinity(session_id: str | None, body: dict[str, Any], sub: str) -> str:
+    """Which prompt cache a call belongs to: its Claude Code session, else ``metadata.user_id``, else the user."""
+    if session_id:
+        return session_id
+    metadata = body.get("metadata")
+    user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
+    return user_id if isinstance(user_id, str) and user_id else sub
 
 
 def _no_key_response(exc: NoKeyAvailable, *, retried: bool) -> Response:

@@ -276,6 +276,9 @@ class SecuritySettings(_Section):
 class ApiKey(_Section):
     alias: str = Field(min_length=1)
     value: SecretStr = SecretStr("")
+    # The Anthropic organisation the key belongs to: the prompt cache is per organisation, so session affinity
+    # picks an organisation and round-robins among its keys. None: the key is an organisation of its own.
+    organization: str | None = None
 
 
 class TimeoutSettings(_Section):
@@ -311,6 +314,8 @@ class AnthropicApiSettings(_Section):
     timeouts: TimeoutSettings = TimeoutSettings()
     key_health: KeyHealthSettings = KeyHealthSettings()
     retry: RetrySettings = RetrySettings()
+    # session-affinity: a Claude Code session keeps its key's organisation (its prompt cache) while it is healthy
+    key_selection: Literal["round-robin", "session-affinity"] = "round-robin"
 
     @field_validator("base_url")
     @classmethod
@@ -528,6 +533,89 @@ class ObservabilitySettings(_Section):
     metrics: MetricsSettings = MetricsSettings()
     tracing: TracingSettings = TracingSettings()
     logging: LoggingSettings = LoggingSettings()
+
+
+# ---------------------------------------------------------------------------------------------- limits
+
+SpendPeriod = Literal["daily", "weekly", "monthly"]
+ScopeType = Literal["user", "rbac_group", "organization"]
+
+
+class SqliteStoreSettings(_Section):
+    path: str = "./data/limits.sqlite3"
+
+
+class PostgresStoreSettings(_Section):
+    url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/postgres")
+    schema_: str = Field("gate", alias="schema", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    pool_size: int = Field(10, ge=1, le=200)
+
+
+class RedisStoreSettings(_Section):
+    url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    key_prefix: str = "gate:"
+    pool_size: int = Field(50, ge=1, le=1000)
+
+
+class CounterStoreSettings(_Section):
+    """Where counters, caps and the audit log live: ``sqlite`` for one process, the others for replicas."""
+
+    type: Literal["sqlite", "postgresql", "redis"] = "sqlite"
+    on_failure: Literal["open", "closed"] = "open"  # store unreachable: admit unchecked, or refuse (503)
+    timeout: Duration = 1.0  # each store operation; past it the store counts as down
+    sqlite: SqliteStoreSettings = SqliteStoreSettings()
+    postgresql: PostgresStoreSettings = PostgresStoreSettings()
+    redis: RedisStoreSettings = RedisStoreSettings()
+
+
+class SpendCapSettings(_Section):
+    """A cap from configuration; the admin API's caps win over one with the same scope and period."""
+
+    scope_type: ScopeType
+    scope_id: str = "*"  # a user's sub or a group's name; "*": every user without a cap of their own
+    period: SpendPeriod
+    amount_usd: Decimal = Field(ge=0)
+
+
+class RateSettings(_Section):
+    requests_per_minute: int = Field(0, ge=0)  # 0: no limit
+    tokens_per_minute: int = Field(0, ge=0)  # input + output + cache writes; cache reads do not count
+    concurrent_streams: int = Field(0, ge=0)  # users only
+
+
+class RateLimitSettings(_Section):
+    user: RateSettings = RateSettings()  # every user, each on their own
+    users: dict[str, RateSettings] = {}  # per-user overrides, by sub
+    groups: dict[str, RateSettings] = {}  # shared by all members of the group
+
+
+class EstimateSettings(_Section):
+    # Request bytes per input token when reserving: lower is more cautious (JSON text runs about 3-4).
+    bytes_per_token: float = Field(3.0, gt=0)
+    default_max_tokens: int = Field(4096, ge=1)  # when a request names none
+
+
+class UsageLimitsSettings(_Section):
+    enabled: bool = False
+    store: CounterStoreSettings = CounterStoreSettings()
+    time_zone: str = "UTC"  # where days, weeks (ISO, from Monday) and months begin
+    retention: Duration = 400 * 86400.0  # spend counters are kept this long after their period ends
+    admin_group: str | None = None  # members (security.jwt.claims.groups) may use the spend-limits admin API
+    caps_refresh: Duration = 5.0  # each replica reloads the admin API's caps this often
+    estimate: EstimateSettings = EstimateSettings()
+    spend_caps: list[SpendCapSettings] = []
+    rate: RateLimitSettings = RateLimitSettings()
+
+    @field_validator("time_zone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name such as UTC or Europe/Paris)") from None
+        return value
 
 
 class PriceVersionSettings(_Section):
@@ -823,6 +911,7 @@ class GateSettings(_Section):
     # Ordered: a call goes to the first that serves its model, then fails over down the list. Empty: one
     # ``anthropic`` upstream built from anthropic.api (the single-upstream case).
     upstreams: list[UpstreamSettings] = []
+    limits: UsageLimitsSettings = UsageLimitsSettings()
     profiles: tuple[str, ...] = ("local",)
     sources: tuple[str, ...] = ()
 

@@ -54,6 +54,8 @@ class Health:
         components["lifecycle"] = {"status": "DOWN" if gate.draining else "UP", "details": {"draining": gate.draining}}
         if gate.signin is not None:
             components["signIn"] = gate.signin.health()
+        if gate.limits is not None:
+            components["limitsStore"] = gate.limits.health()
         return components
 
     async def overall(self, request: Request) -> Response:

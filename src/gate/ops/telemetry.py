@@ -365,6 +365,7 @@ class Telemetry:
         self._breaker_state = "closed"
         self._breaker_source: Callable[[], str] | None = None
         self._usage_source: Any = None
+        self._limits_source: Any = None
         self._request_keys: dict[tuple[str, str, int], Attrs] = {}
         self._route_keys: dict[str, Attrs] = {}
         self._alias_keys: dict[str, Attrs] = {}
@@ -431,6 +432,12 @@ class Telemetry:
             description="Failed attempts to publish usage events to the broker.",
         )
         meter.create_observable_gauge(
+            "gate.limits.store.up",
+            callbacks=[self._observe_limits_store],
+            unit="{state}",
+            description="Whether the limits store answered the last operation: 1 up, 0 down.",
+        )
+        meter.create_observable_gauge(
             "gate.usage.delivery.lag",
             callbacks=[self._observe_delivery_lag],
             unit="s",
@@ -475,6 +482,12 @@ class Telemetry:
         )
         self._jwks_refreshes = _Counter("gate.jwks.refreshes", "{refresh}", "JWKS fetches by outcome.")
         self._auth_failures = _Counter("gate.auth.failures", "{failure}", "Rejected requests by reason.")
+        self._limits_refusals = _Counter(
+            "gate.limits.refusals", "{refusal}", "Calls refused by a spend cap or rate limit, by limit."
+        )
+        self._limits_store_failures = _Counter(
+            "gate.limits.store.failures", "{failure}", "Failed limits store operations, by on-failure mode."
+        )
         self._aggregates: tuple[_Histogram | _Counter, ...] = (
             self._request_duration,
             self._overhead,
@@ -484,6 +497,8 @@ class Telemetry:
             self._breaker_transitions,
             self._jwks_refreshes,
             self._auth_failures,
+            self._limits_refusals,
+            self._limits_store_failures,
         )
 
     def _collect_aggregates(self) -> list[Metric]:
@@ -654,6 +669,22 @@ class Telemetry:
     def on_auth_failure(self, reason: str) -> None:
         if self.metrics_enabled:
             self._auth_failures.add((("reason", reason),))
+
+    def on_limits_refusal(self, limit: str) -> None:
+        if self.metrics_enabled:
+            self._limits_refusals.add((("limit", limit),))
+
+    def on_limits_store_failure(self, mode: str) -> None:
+        if self.metrics_enabled:
+            self._limits_store_failures.add((("mode", mode),))
+
+    def set_limits_source(self, limits: Any) -> None:
+        """An object with ``store_up`` (bool), read when metrics are collected."""
+        self._limits_source = limits
+
+    def _observe_limits_store(self, options: CallbackOptions) -> Iterable[Observation]:
+        up = None if self._limits_source is None else getattr(self._limits_source, "store_up", None)
+        return () if up is None else (Observation(1 if up else 0),)
 
     def set_usage_source(self, events: Any) -> None:
         """An object with ``depth``, ``dead_letters``, ``publish_failures_total`` and ``last_delivery_lag_seconds``."""

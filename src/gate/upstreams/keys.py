@@ -5,10 +5,18 @@ Only a 401 (``authentication_error``: Anthropic's answer to an invalid, disabled
 403 ``permission_error`` is about the request (a model or beta the organisation lacks) and leaves keys alone.
 A quarantined key is handed to ``on_quarantine`` (the background ``KeyProber``), which restores it as soon as
 Anthropic accepts it again, so one request's answer never locks keys out for the whole quarantine.
+
+With ``session-affinity`` selection, a call that names an affinity (its Claude Code session) goes to the same
+organisation every time while one of its keys is in rotation: Anthropic's prompt cache lives per organisation, so
+a session that hopped between organisations would pay a full cache write after every hop. The organisation is
+chosen by rendezvous hashing (highest ``hash(organisation, session)`` among organisations with a usable key), so
+when an organisation's keys are all out only its own sessions move, each to its next choice, and come back when
+it returns; within the organisation keys still take turns. A key without an organisation is one of its own.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import threading
@@ -54,6 +62,7 @@ class KeyPool:
         *,
         clock: Callable[[], float] = time.monotonic,
         on_event: Callable[[str, str], None] | None = None,
+        selection: Literal["round-robin", "session-affinity"] = "round-robin",
     ) -> None:
         self._keys = tuple(Key(key.alias, key.value.get_secret_value()) for key in keys)
         self._index = {key.alias: i for i, key in enumerate(self._keys)}
@@ -69,21 +78,35 @@ class KeyPool:
         self._until = [0.0] * len(self._keys)
         self._out = 0
         self.on_quarantine: Callable[[Key], None] | None = None  # the prober, set by the app
+        # Session affinity: key indices by organisation.
+        by_org: dict[str, list[int]] = {}
+        for i, key in enumerate(keys):
+            by_org.setdefault(key.organization or f"key:{key.alias}", []).append(i)
+        self._orgs = tuple((org, tuple(indices)) for org, indices in by_org.items())
+        self._org_turn = dict.fromkeys(by_org, 0)
+        self._affine = selection == "session-affinity" and len(self._orgs) > 1
 
     def __len__(self) -> int:
         return len(self._keys)
 
-    def acquire(self, exclude: frozenset[str] = frozenset()) -> Key:
-        """The next key in turn that is in rotation and not in ``exclude``; else :class:`NoKeyAvailable`."""
+    def acquire(self, exclude: frozenset[str] = frozenset(), affinity: str | None = None) -> Key:
+        """The next key in turn that is in rotation and not in ``exclude``; else :class:`NoKeyAvailable`.
+
+        With session-affinity selection, ``affinity`` (a session id) picks the organisation first.
+        """
         count = len(self._keys)
         if count == 0:
             raise NoKeyAvailable(None, "no Anthropic API key is configured")
         with self._lock:
             start = self._next
             self._next = start + 1 if start + 1 < count else 0
-            if not self._out and not exclude:
-                key: Key | None = self._keys[start]
-                restored: list[str] = []
+            key: Key | None
+            restored: list[str]
+            if affinity is not None and self._affine:
+                key, restored, retry_after = self._select_affine(affinity, exclude)
+            elif not self._out and not exclude:
+                key = self._keys[start]
+                restored = []
                 retry_after = 0.0
             else:
                 key, restored, retry_after = self._select(start, exclude)
@@ -187,6 +210,36 @@ class KeyPool:
         # Every key outside ``exclude`` is out; if every key is excluded, only a retry elsewhere can help now.
         return None, restored, 0.0 if soonest == math.inf else soonest
 
+    def _select_affine(self, affinity: str, exclude: frozenset[str]) -> tuple[Key | None, list[str], float]:
+        """Under the lock: the session's organisation by rendezvous hashing, then that organisation's next key."""
+        now = self._clock() if self._out else 0.0
+        restored: list[str] = []
+        soonest = math.inf
+        best: tuple[int, str, list[int]] | None = None
+        for org, indices in self._orgs:
+            usable: list[int] = []
+            for i in indices:
+                alias = self._keys[i].alias
+                if self._state[i] != "available":
+                    if self._until[i] > now:
+                        if alias not in exclude:
+                            soonest = min(soonest, self._until[i] - now)
+                        continue
+                    self._restore(i)
+                    restored.append(alias)
+                if alias not in exclude:
+                    usable.append(i)
+            if usable:
+                score = _rendezvous(org, affinity)
+                if best is None or score > best[0]:
+                    best = (score, org, usable)
+        if best is None:
+            return None, restored, 0.0 if soonest == math.inf else soonest
+        _, org, usable = best
+        turn = self._org_turn[org]
+        self._org_turn[org] = turn + 1
+        return self._keys[usable[turn % len(usable)]], restored, 0.0
+
     def _all_out_rejected(self, exclude: frozenset[str]) -> bool:
         """Whether no key outside ``exclude`` is cooling (so waiting for a rate limit would not help)."""
         with self._lock:
@@ -222,3 +275,9 @@ class KeyPool:
     def _emit(self, kind: KeyEvent, alias: str) -> None:
         if self._on_event is not None:
             self._on_event(kind, alias)
+
+
+def _rendezvous(organization: str, affinity: str) -> int:
+    """The weight of ``organization`` for ``affinity``: stable across processes and restarts (not ``hash()``)."""
+    digest = hashlib.blake2b(f"{organization}\0{affinity}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
