@@ -151,7 +151,7 @@ def test_migrations_create_the_table_once_in_the_configured_schema(tmp_path: Pat
     migrate(settings.usage_sink.database)
     migrate(settings.usage_sink.database)  # at head: nothing to do
     with psycopg.connect(f"postgresql://postgres@127.0.0.1:{PG_PORT}/{pg_database}") as connection:
-        assert connection.execute(f'SELECT version_num FROM "{schema}".alembic_version').fetchall() == [("0001",)]
+        assert connection.execute(f'SELECT version_num FROM "{schema}".alembic_version').fetchall() == [("0002",)]
         columns = {
             name: kind
             for name, kind in connection.execute(

@@ -54,6 +54,8 @@ SCHEMA: tuple[tuple[str, str, str, str], ...] = (
     ("anthropic_request_id", "STRING", "NULLABLE", "upstream's request-id"),
     ("service_tier", "STRING", "NULLABLE", "standard, priority, batch"),
     ("claude_code_session_id", "STRING", "NULLABLE", "Claude Code's session id"),
+    ("upstream", "STRING", "NULLABLE", "the upstream called (anthropic, or a name from upstreams:)"),
+    ("upstream_model", "STRING", "NULLABLE", "the model id sent to that upstream"),
     ("event_type", "STRING", "REQUIRED", "CloudEvent type"),
     ("event_source", "STRING", "REQUIRED", "CloudEvent source"),
     ("data", "JSON", "NULLABLE", "the whole event data, fields added later included"),

@@ -66,6 +66,8 @@ class UsageRow:
     anthropic_request_id: str | None
     service_tier: str | None
     claude_code_session_id: str | None
+    upstream: str | None
+    upstream_model: str | None
     event_type: str
     event_source: str
     data: dict[str, Any]
@@ -165,6 +167,8 @@ def row_from_event(event: BaseCloudEvent, prices: PriceTable | None = None) -> U
         anthropic_request_id=_text(data.get("anthropic_request_id")),
         service_tier=_text(data.get("service_tier")),
         claude_code_session_id=_text(data.get("claude_code_session_id")),
+        upstream=_text(data.get("upstream")),
+        upstream_model=_text(data.get("upstream_model")),
         event_type=str(attributes.get("type", "")),
         event_source=str(attributes.get("source", "")),
         data=data,
