@@ -517,7 +517,9 @@ class _Workers:
                     log.error("%s exited with code %s: stopping the other workers", child.name, child.exitcode)
                     code = 1
                     self._stop_all()
-                elif child.exitcode != 0:
+                elif child.exitcode not in (0, -signal.SIGTERM):
+                    # A worker our SIGTERM met before it had set up its own handler (still starting: nothing in
+                    # flight) ended by that signal, as asked; any other end is worth the non-zero exit.
                     code = code or 1
         return code
 
