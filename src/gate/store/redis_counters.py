@@ -169,3 +169,7 @@ class RedisCounters:
                 return await operation
         except (RedisError, OSError, TimeoutError) as exc:
             raise StoreUnavailable(f"redis store: {type(exc).__name__}") from None
+        except RuntimeError as exc:
+            # redis-py on uvloop: a write on a connection the server (or network) closed raises uvloop's
+            # RuntimeError ("the handler is closed") instead of a ConnectionError; it is the same outage.
+            raise StoreUnavailable(f"redis store: connection closed ({type(exc).__name__})") from None
