@@ -17,6 +17,7 @@ from typing import Any
 from gate import __version__
 from gate.events import UsageEvents
 from gate.http.server import HttpServer, Request, Response, Router
+from gate.http.tls import server_context
 from gate.identity.auth import Authenticator
 from gate.ops.errors import error_response
 from gate.ops.health import Health
@@ -26,6 +27,7 @@ from gate.relay import Relay
 from gate.settings import GateSettings
 from gate.upstreams.anthropic import Upstream
 from gate.upstreams.breaker import CircuitBreaker
+from gate.upstreams.keyfiles import KeyFiles
 from gate.upstreams.keys import KeyPool
 
 __all__ = ["Gate", "run", "serve"]
@@ -53,6 +55,7 @@ class Gate:
     events: UsageEvents = field(init=False)
     health: Health = field(init=False)
     relay: Relay = field(init=False)
+    key_files: KeyFiles | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -63,6 +66,9 @@ class Gate:
         self.auth = Authenticator(s.security.jwt, dev_auth=s.dev_auth)
         self.auth.on_refresh = telemetry.on_jwks_refresh
         self.keys = KeyPool(s.anthropic.api.usable_keys, s.anthropic.api.key_health, on_event=telemetry.on_key_event)
+        if s.anthropic.api.key_files.dir is not None:  # keys from a mounted Secret, re-read while running
+            self.key_files = KeyFiles(s.anthropic.api.key_files, self.keys, s.anthropic.api.usable_keys)
+            self.key_files.load()
         self.breaker = CircuitBreaker(
             s.resilience.circuit_breaker, on_state_change=lambda old, new: telemetry.on_breaker_change(old, new)
         )
@@ -148,6 +154,8 @@ class Gate:
         await self.upstream.start()
         await self.auth.start()
         await self.events.start()
+        if self.key_files is not None:
+            self.key_files.start()
         if not self.keys:
             log.warning("no Anthropic API key is configured: /v1/* answers 503 until one is (see README)")
         log.info(
@@ -162,6 +170,8 @@ class Gate:
     async def stop(self) -> None:
         self.draining = True
         flush_access_log()
+        if self.key_files is not None:
+            await self.key_files.close()
         await self.events.close(self.settings.server.shutdown.flush_timeout)
         await self.auth.close()
         await self.upstream.close()
@@ -191,10 +201,11 @@ async def serve(
     main = gate.http_server(gate.router(management=settings.management.server.port is None))
     management = None
     try:
+        tls = server_context(server.ssl)
         if sock is not None:
-            port = await main.listen(sock=sock)
+            port = await main.listen(sock=sock, ssl=tls)
         else:
-            port = await main.listen(server.host, server.port, reuse_port=server.workers > 1)
+            port = await main.listen(server.host, server.port, reuse_port=server.workers > 1, ssl=tls)
         if settings.management.server.port is not None:
             management = gate.http_server(gate.management_router())
             mgmt = settings.management.server
@@ -202,7 +213,7 @@ async def serve(
     except BaseException:
         await gate.stop()  # close the outbox, sessions and exporters before reporting the failure
         raise
-    log.info("listening on http://%s:%d", server.host, port)
+    log.info("listening on %s://%s:%d", "https" if server.ssl.enabled else "http", server.host, port)
     if ready is not None:
         ready(port)
 
@@ -211,6 +222,8 @@ async def serve(
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        if gate.key_files is not None:
+            loop.add_signal_handler(signal.SIGHUP, gate.key_files.reload_now)
     await stop.wait()
     log.info("shutting down: draining in-flight requests for up to %.0fs", server.shutdown.drain_timeout)
     gate.draining = True
@@ -257,8 +270,15 @@ def _run_workers(settings: GateSettings) -> None:
             if child.pid is not None and child.is_alive():
                 os.kill(child.pid, signal.SIGTERM)
 
+    def forward_hup(signum: int, _frame: Any) -> None:
+        for child in children:
+            if child.pid is not None and child.is_alive():
+                os.kill(child.pid, signal.SIGHUP)  # each worker re-reads its key files
+
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    if settings.anthropic.api.key_files.dir is not None:  # else SIGHUP keeps its default meaning for the workers
+        signal.signal(signal.SIGHUP, forward_hup)
     for child in children:
         child.join()
 

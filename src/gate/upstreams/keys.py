@@ -196,3 +196,35 @@ class KeyPool:
     def _emit(self, kind: KeyEvent, alias: str) -> None:
         if self._on_event is not None:
             self._on_event(kind, alias)
+
+    def replace_keys(self, keys: Sequence[ApiKey]) -> tuple[list[str], list[str], list[str]]:
+        """Swap the pool's keys for ``keys`` (a reload of mounted key files); returns (added, removed, rotated).
+
+        A removed key is never handed out again; a key whose value changed comes back into rotation (its rest
+        was about the old value); an unchanged key keeps its cooldown or quarantine. Calls in flight keep the
+        ``Key`` they hold, so they finish on it.
+        """
+        fresh = tuple(Key(key.alias, key.value.get_secret_value()) for key in keys)
+        index = {key.alias: i for i, key in enumerate(fresh)}
+        if len(index) != len(fresh):
+            raise ValueError("key aliases must be unique")
+        with self._lock:
+            old = {key.alias: (key, self._state[i], self._until[i]) for i, key in enumerate(self._keys)}
+            state: list[KeyState] = []
+            until: list[float] = []
+            added: list[str] = []
+            rotated: list[str] = []
+            for key in fresh:
+                before = old.get(key.alias)
+                if before is not None and before[0].value == key.value:
+                    state.append(before[1])
+                    until.append(before[2])
+                    continue
+                (added if before is None else rotated).append(key.alias)
+                state.append("available")
+                until.append(0.0)
+            removed = [alias for alias in old if alias not in index]
+            self._keys, self._index, self._state, self._until = fresh, index, state, until
+            self._out = sum(1 for s in state if s != "available")
+            self._next = self._next % len(fresh) if fresh else 0
+        return added, removed, rotated
