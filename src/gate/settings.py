@@ -221,8 +221,13 @@ class RetrySettings(_Section):
 class KeyFilesSettings(_Section):
     """A directory of key files (a mounted Kubernetes Secret): file name = alias, content = key; re-read live."""
 
-    dir: str | None = None
+    dir: str | None = None  # blank: off (so an environment variable can switch off a profile's directory)
     poll_interval: Duration = Field(2.0, gt=0)  # SIGHUP re-reads at once
+
+    @field_validator("dir", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
 
 
 class AnthropicApiSettings(_Section):
