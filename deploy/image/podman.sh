@@ -8,7 +8,7 @@ conf=${GATE_CONTAINERS_CONF:-${TMPDIR:-/tmp}/gate-containers.conf}
 nofile=$(ulimit -Hn)
 nproc=$(ulimit -Hu)
 [[ $nofile == unlimited || $nofile -gt 65536 ]] && nofile=65536
-[[ $nproc == unlimited || $nproc -gt 65536 ]] && nproc=65536
+[[ $nproc == unlimited || $nproc -gt 4096 ]] && nproc=4096  # buildah's chroot runs cap it at 32768; Gate needs few
 
 cat >"$conf.$$" <<CONF
 # Written by deploy/image/podman.sh.
