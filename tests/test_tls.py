@@ -3,6 +3,7 @@ hostile clients at the TLS listener (plain HTTP, garbage, no client certificate)
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -154,6 +155,21 @@ def test_plain_http_and_garbage_at_the_tls_port_are_closed_and_gate_keeps_servin
             assert b"HTTP/1.1" not in answer  # no plaintext answer, only a TLS alert or a close
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{gate.port}/actuator/health", timeout=WAIT)
+    health = httpx.get(https(gate) + "/actuator/health/liveness", verify=pki.client_context(), timeout=WAIT)
+    assert health.status_code == 200
+
+
+def test_a_client_that_never_completes_the_handshake_is_closed_at_the_header_deadline(
+    start_gate: Callable[..., RunningGate], pki: Pki
+) -> None:
+    settings = {"certificate": str(pki.server_cert), "certificate-private-key": str(pki.server_key)}
+    gate = start_gate(server={"ssl": settings, "limits": {"header-timeout": "300ms"}})
+    silent = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)  # connects, says nothing
+    half = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)
+    half.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # the start of a ClientHello, then silence
+    for sock in (silent, half):
+        with sock, contextlib.suppress(ConnectionResetError):
+            assert sock.recv(65536) == b""  # closed by Gate; a TimeoutError after WAIT would fail the test
     health = httpx.get(https(gate) + "/actuator/health/liveness", verify=pki.client_context(), timeout=WAIT)
     assert health.status_code == 200
 

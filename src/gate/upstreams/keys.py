@@ -202,7 +202,8 @@ class KeyPool:
 
         A removed key is never handed out again; a key whose value changed comes back into rotation (its rest
         was about the old value); an unchanged key keeps its cooldown or quarantine. Calls in flight keep the
-        ``Key`` they hold, so they finish on it.
+        ``Key`` they hold, so they finish on it. Call it on the thread that serves requests (Gate's event loop):
+        ``acquire`` reads the pool's size before it takes the lock.
         """
         fresh = tuple(Key(key.alias, key.value.get_secret_value()) for key in keys)
         index = {key.alias: i for i, key in enumerate(fresh)}
