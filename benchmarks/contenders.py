@@ -298,7 +298,7 @@ def gate(
     home = setup.work / name
     home.mkdir(parents=True, exist_ok=True)
     outbox = home / "outbox.sqlite3"
-    for stale in home.glob("outbox.sqlite3*"):
+    for stale in home.glob("outbox*.sqlite3*"):  # every slot a worker may have taken, and its lock file
         stale.unlink()
     config = setup.rig.write_config(
         home / "gate.yaml",

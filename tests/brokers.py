@@ -1,7 +1,9 @@
-"""Real brokers for tests: RabbitMQ on 127.0.0.1:5672 (started if down, bounced on demand), Pub/Sub emulator.
+"""Real brokers for tests: RabbitMQ on 127.0.0.1:5672 (started if down, never stopped), Pub/Sub emulator.
 
-Import the fixtures into a test module (``from tests.brokers import rabbitmq``) or use the plain helpers:
-``ensure_rabbitmq``, ``rabbitmq_stopped``, ``RabbitConsumer``, ``run_pubsub_emulator``, ``PubSubPuller``.
+A broker outage is a ``FaultProxy`` (``tests/faultproxy.py``) between Gate and RabbitMQ going down: the broker,
+which a developer may share with other work, keeps running. Import the fixtures into a test module
+(``from tests.brokers import rabbitmq, rabbit_proxy``) or use the plain helpers: ``ensure_rabbitmq``,
+``proxied_url``, ``RabbitConsumer``, ``run_pubsub_emulator``, ``PubSubPuller``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,8 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+
+from tests.faultproxy import FaultProxy
 
 RABBITMQ_HOST = "127.0.0.1"
 RABBITMQ_PORT = 5672
@@ -84,19 +88,16 @@ async def wait_for_amqp(url: str = RABBITMQ_URL, timeout: float = 120.0) -> None
             return
 
 
-@contextlib.asynccontextmanager
-async def rabbitmq_stopped() -> AsyncIterator[None]:
-    """RabbitMQ's app stopped (every connection dropped, port closed) inside; ALWAYS started again after."""
-    stopped = await asyncio.to_thread(_rabbitmqctl, "stop_app")
-    try:
-        if stopped.returncode != 0:
-            raise RuntimeError(f"rabbitmqctl stop_app failed: {stopped.stderr.strip()}")
-        yield
-    finally:
-        started = await asyncio.to_thread(_rabbitmqctl, "start_app")
-        if started.returncode != 0:  # the node itself may be gone: fall back to starting it
-            await asyncio.to_thread(ensure_rabbitmq)
-        await wait_for_amqp()
+def proxied_url(proxy: FaultProxy) -> str:
+    """The AMQP URL of RabbitMQ through ``proxy``: what Gate is given when a test takes the broker away."""
+    return f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
+
+
+@pytest.fixture
+def rabbit_proxy(rabbitmq: str) -> Iterator[FaultProxy]:
+    """A fault proxy in front of RabbitMQ: ``with rabbit_proxy.outage():`` is a broker outage for Gate alone."""
+    with FaultProxy(RABBITMQ_HOST, RABBITMQ_PORT) as proxy:
+        yield proxy
 
 
 def exchange_info(name: str) -> dict[str, Any] | None:

@@ -636,3 +636,55 @@ BreakerMachine.TestCase.settings = hypothesis_settings(
     max_examples=200, stateful_step_count=50, deadline=None
 )
 test_breaker_follows_the_rules = BreakerMachine.TestCase
+
+
+# ---------------------------------------------------------------------------------------------------- late failures
+
+
+def test_a_late_failure_turns_the_calls_outcome_into_a_failure_while_it_is_in_the_window() -> None:
+    breaker, _ = make(sliding_window_size=4, minimum_number_of_calls=4)
+    permits = [breaker.acquire() for _ in range(4)]
+    for permit in permits:
+        breaker.record(permit, failed=False, duration=0.1)
+    breaker.record_late_failure(permits[0])
+    breaker.record_late_failure(permits[0])  # once per call, however often it is reported
+    assert breaker.snapshot()["failedCalls"] == 1 and breaker.state is CLOSED
+    breaker.record_late_failure(permits[1])
+    assert breaker.state is OPEN  # 2 of 4 failed: 50 %
+
+
+def test_a_late_failure_of_a_call_that_left_the_window_is_ignored() -> None:
+    breaker, _ = make(sliding_window_size=2, minimum_number_of_calls=2)
+    first = breaker.acquire()
+    breaker.record(first, failed=False, duration=0.1)
+    call(breaker)
+    call(breaker)  # ``first`` has been evicted
+    breaker.record_late_failure(first)
+    assert breaker.snapshot()["failedCalls"] == 0
+
+
+def test_a_half_open_trial_closes_at_its_heads_and_late_failures_then_count_in_the_fresh_window() -> None:
+    breaker, clock = make(permitted_number_of_calls_in_half_open_state=2, minimum_number_of_calls=2)
+    call(breaker, failed=True)
+    call(breaker, failed=True)
+    assert breaker.state is OPEN
+    clock.advance(60)
+    trial = [breaker.acquire(), breaker.acquire()]
+    for permit in trial:
+        breaker.record(permit, failed=False, duration=0.1)
+    assert breaker.state is CLOSED
+    breaker.record_late_failure(trial[0])
+    breaker.record_late_failure(trial[1])
+    snapshot = breaker.snapshot()
+    assert snapshot["failedCalls"] == 2 and snapshot["bufferedCalls"] == 2
+    assert breaker.state is OPEN  # 2 of the 2 calls the fresh window has: 100 %
+
+
+def test_a_late_failure_while_open_is_ignored() -> None:
+    breaker, _ = make(sliding_window_size=2, minimum_number_of_calls=2)
+    permit = breaker.acquire()
+    breaker.record(permit, failed=False, duration=0.1)
+    call(breaker, failed=True)
+    assert breaker.state is OPEN  # 1 of 2: 50 %
+    breaker.record_late_failure(permit)
+    assert breaker.state is OPEN and breaker.snapshot()["failedCalls"] == 1

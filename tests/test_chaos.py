@@ -1,5 +1,8 @@
 """Chaos: thousands of calls through a real ``gate serve`` process while RabbitMQ goes away and Gate restarts.
 
+RabbitMQ "goes away" for Gate alone: Gate reaches it through a fault proxy (``tests/faultproxy.py``) that closes
+its port and resets every connection; the broker itself, perhaps shared, keeps running.
+
 The fake Anthropic answers each request with its own message id (``msg_chaos_<attempt>``) and its own counts, so
 every event can be matched to the upstream call it stands for. A client retries, under a new attempt number,
 only a request that got no answer at all (Gate was down); what counts is what reached the fake.
@@ -30,15 +33,16 @@ import pytest
 import yaml
 
 from tests.brokers import (
-    RABBITMQ_URL,
     RabbitConsumer,
     delete_exchange,
     free_port,
+    proxied_url,
+    rabbit_proxy,  # noqa: F401 - a fixture
     rabbitmq,  # noqa: F401 - a fixture
-    rabbitmq_stopped,
     wait_until,
 )
 from tests.fake_anthropic import FakeAnthropic, Received, Reply
+from tests.faultproxy import FaultProxy
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -126,7 +130,7 @@ def upstream_attempts(fake: FakeAnthropic) -> list[int]:
 class GateProcess:
     """``gate serve`` in a subprocess, on a fixed port so that it can be restarted where clients look for it."""
 
-    def __init__(self, tmp: Path, upstream: str, exchange: str) -> None:
+    def __init__(self, tmp: Path, upstream: str, exchange: str, rabbitmq_url: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config = tmp / "gate.yaml"
@@ -149,7 +153,7 @@ class GateProcess:
                     "usage": {
                         "publisher": "rabbitmq",
                         "destination": exchange,
-                        "rabbitmq": {"url": RABBITMQ_URL, "routing-key": ROUTING_KEY, "confirm-timeout": "2s"},
+                        "rabbitmq": {"url": rabbitmq_url, "routing-key": ROUTING_KEY, "confirm-timeout": "2s"},
                         "outbox": {"path": str(tmp / "outbox.sqlite3"), "retry-initial": "100ms", "retry-max": "1s"},
                     },
                     "observability": {"logging": {"format": "json", "level": "WARNING", "access-log": False}},
@@ -282,16 +286,19 @@ class Load:
 
 
 @contextlib.asynccontextmanager
-async def chaos_setup(tmp_path: Path, fake: FakeAnthropic) -> AsyncIterator[tuple[GateProcess, Load, str, str]]:
-    """A bound durable queue, a started Gate process and a load (not yet running); all cleaned up after."""
+async def chaos_setup(
+    tmp_path: Path, fake: FakeAnthropic, proxy: FaultProxy
+) -> AsyncIterator[tuple[GateProcess, Load, str, str]]:
+    """A bound durable queue, a started Gate process (reaching RabbitMQ through ``proxy``) and a load (not yet
+    running); all cleaned up after."""
     exchange = f"gate-chaos-{uuid.uuid4().hex[:10]}"
     queue = f"{exchange}-q"
     fake.responder = chaos_reply
-    # Declared and bound before Gate publishes anything; it keeps messages through the broker's restart.
+    # Declared and bound before Gate publishes anything; it keeps messages until ``drain``.
     declare = RabbitConsumer(exchange, "usage.#", queue=queue)
     await declare.__aenter__()
     await declare.close()  # not consuming: the queue keeps everything until ``drain``
-    gate = GateProcess(tmp_path, fake.url, exchange)
+    gate = GateProcess(tmp_path, fake.url, exchange, proxied_url(proxy))
     try:
         token = await asyncio.to_thread(gate.token)
         await asyncio.to_thread(gate.start)
@@ -370,14 +377,14 @@ def check_answered_events(load: Load, result: Tally) -> None:
 async def test_broker_outage_and_gate_restart_lose_and_double_nothing(
     tmp_path: Path,
     fake: FakeAnthropic,
-    rabbitmq: str,  # noqa: F811 - the fixture
+    rabbit_proxy: FaultProxy,  # noqa: F811 - the fixture
 ) -> None:
-    async with chaos_setup(tmp_path, fake) as (gate, load, exchange, queue):
+    async with chaos_setup(tmp_path, fake, rabbit_proxy) as (gate, load, exchange, queue):
         runner = asyncio.create_task(load.run())
         try:
             await load.reached(300)
             outage_started = time.monotonic()
-            async with rabbitmq_stopped():
+            with rabbit_proxy.outage():  # RabbitMQ unreachable for Gate: connections reset, the port closed
                 await load.reached(load.ok + 400)
                 # SIGTERM while the broker is away: what it could not deliver stays in the outbox for the next start.
                 down_from = time.monotonic()
@@ -420,9 +427,9 @@ async def test_broker_outage_and_gate_restart_lose_and_double_nothing(
 async def test_sigkill_under_load_loses_at_most_a_moment_of_events(
     tmp_path: Path,
     fake: FakeAnthropic,
-    rabbitmq: str,  # noqa: F811 - the fixture
+    rabbit_proxy: FaultProxy,  # noqa: F811 - the fixture
 ) -> None:
-    async with chaos_setup(tmp_path, fake) as (gate, load, exchange, queue):
+    async with chaos_setup(tmp_path, fake, rabbit_proxy) as (gate, load, exchange, queue):
         runner = asyncio.create_task(load.run())
         try:
             await load.reached(500)

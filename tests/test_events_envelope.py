@@ -8,6 +8,7 @@ import uuid
 from typing import Any
 
 import orjson
+import pytest
 from cloudevents.core.bindings import amqp
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.v1.http import from_http, from_json
@@ -27,6 +28,7 @@ from gate.events.envelope import (
 )
 from gate.events.pubsub import CONTENT_TYPE_ATTRIBUTE, PUBSUB_ATTRIBUTE_PREFIX
 from gate.events.rabbitmq import AMQP_ATTRIBUTE_PREFIX
+from gate.ops.bounds import MAX_FIELD_CHARS, TRUNCATION_MARK
 
 TYPE = "io.github.samzhu.gate.usage.v1"
 SOURCE = "/gate/messages"
@@ -286,3 +288,43 @@ def test_any_record_round_trips_through_the_sdk(
     )
     assert back.get_data() == event["data"]
     assert back.get_attributes().get("subject") == (subject or None)
+
+
+# ------------------------------------------------------------------------------------------------- bounds
+
+HUGE = "m" * (11 * 1024 * 1024)  # the 11 MB model name of issue 11
+
+
+def test_every_string_field_is_cut_to_the_documented_maximum() -> None:
+    record = success(
+        subject="s" * 5000,
+        model=HUGE,
+        message_id="i" * 300,
+        stop_reason="r" * 300,
+        error_type="e" * 300,
+        anthropic_request_id="q" * 300,
+        claude_code_session_id="c" * 300,
+        service_tier="t" * 300,
+    )
+    event = event_of(record)
+    data = event["data"]
+    for name in ("model", "message_id", "stop_reason", "error_type", "anthropic_request_id", "claude_code_session_id"):
+        assert len(data[name]) == MAX_FIELD_CHARS and data[name].endswith(TRUNCATION_MARK), name
+    assert data["model"] == "m" * (MAX_FIELD_CHARS - 1) + "…"
+    assert len(event["subject"]) == MAX_FIELD_CHARS and event["subject"].endswith("…")
+    assert len(encode_event(event)) < 8 * 1024  # the whole event stays small
+    # A binary-mode attribute stays under Pub/Sub's 1,024-byte limit whatever the characters.
+    wide = event_of(success(subject="\U0001f600" * 1000))
+    assert len(to_binary(encode_event(wide)).attributes["subject"].encode()) <= 1024
+
+
+def test_strings_within_the_maximum_are_untouched() -> None:
+    fits = "x" * MAX_FIELD_CHARS
+    event = event_of(success(model=fits, subject=fits))
+    assert event["data"]["model"] == fits and event["subject"] == fits
+
+
+def test_a_damaged_stored_event_is_a_value_error_for_the_binary_form() -> None:
+    for body in (b"", b"[]", b'{"id": "x"}', b"\xff"):
+        with pytest.raises(ValueError):
+            to_binary(body)

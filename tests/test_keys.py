@@ -391,3 +391,28 @@ def test_never_selects_a_resting_key_and_only_raises_no_key_available(
         snapshot = pool.snapshot()
         assert snapshot["count"] == len(aliases)
         assert snapshot["available"] == sum(back_at[a] <= clock.now for a in aliases)
+
+
+# ------------------------------------------------------------------------------------------------- probes
+
+
+def test_a_rejected_key_is_handed_to_the_prober_and_restore_puts_it_back_at_once() -> None:
+    events: list[tuple[str, str]] = []
+    pool, _ = make("a", "b", events=events, quarantine="1h")
+    probed: list[str] = []
+    pool.on_quarantine = lambda key: probed.append(key.alias)
+    pool.report_rejected("a", 401)
+    assert probed == ["a"] and pool.is_quarantined("a")
+    assert take(pool, 2) == ["b", "b"]
+    pool.restore("a")
+    assert not pool.is_quarantined("a") and ("restored", "a") in events
+    assert sorted(take(pool, 2)) == ["a", "b"]
+    pool.restore("b")  # not quarantined: nothing happens
+    assert events.count(("restored", "b")) == 0
+
+
+def test_a_cooling_key_is_not_restored_by_a_probe() -> None:
+    pool, _ = make("a", "b")
+    pool.report_rate_limited("a", 30)
+    pool.restore("a")
+    assert state_of(pool, "a")["state"] == "cooling"

@@ -16,7 +16,9 @@ from hypothesis import strategies as st
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext
 
-from gate.ops.logs import access_log, configure_logging, redact
+from gate.ops import logs
+from gate.ops.bounds import MAX_FIELD_CHARS
+from gate.ops.logs import access_line, access_log, configure_logging, flush_access_log, redact
 
 API_KEY = "sk-ant-api03-" + "Zq9XwV7u" * 11 + "-Ab_cAA"
 KEY_BODY = "Zq9XwV7u"
@@ -231,6 +233,46 @@ def test_access_log_fields(configure: Configure) -> None:
     }  # fmt: skip
     assert {key: line[key] for key in expected} == expected
     assert "error_type" not in line  # None fields are left out
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_access_line_strings_are_cut_to_the_documented_maximum(configure: Configure, fmt: str) -> None:
+    out = configure(fmt)
+    huge = "m" * (11 * 1024 * 1024)  # the 11 MB model name that made a 20 MB access line
+    access_line(
+        {
+            "method": "POST",
+            "path": "/v1/models/" + "p" * 5000,
+            "status": 400,
+            "latency_ms": 1.0,
+            "sub": "s" * 300,
+            "model": huge,
+            "stop_reason": "r" * 300,
+            "input_tokens": 0,
+        }
+    )
+    text = out.getvalue()
+    assert len(text) < 4 * MAX_FIELD_CHARS + 1000
+    if fmt == "json":
+        (line,) = json_lines(out)
+        for name in ("path", "sub", "model", "stop_reason"):
+            assert len(line[name]) == MAX_FIELD_CHARS and line[name].endswith("…"), name
+        assert line["input_tokens"] == 0
+
+
+def test_the_fast_access_writer_cuts_long_strings_too(configure: Configure) -> None:
+    out = configure("json")
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if isinstance(h, logs._GateHandler)]  # as in production
+    assert logs._fast_access_writer() is not None
+    access_line({"method": "POST", "path": "/v1/messages", "status": 200, "latency_ms": 2.0, "model": "ok-model"})
+    access_line({"method": "POST", "path": "/v1/" + "p" * 5000, "status": 400, "latency_ms": 1.0, "model": "m" * 99999})
+    flush_access_log()
+    normal, cut = json_lines(out)
+    assert normal["model"] == "ok-model" and normal["message"] == "POST /v1/messages 200 2.0ms"
+    assert len(cut["model"]) == MAX_FIELD_CHARS and cut["model"].endswith("…")
+    assert len(cut["path"]) == MAX_FIELD_CHARS and cut["message"].endswith("… 400 1.0ms")
+    assert len(out.getvalue()) < 2048
 
 
 def test_access_log_can_be_silenced(configure: Configure) -> None:

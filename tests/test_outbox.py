@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -140,6 +141,8 @@ async def test_events_survive_a_restart_and_keep_their_ids(tmp_path: Path) -> No
         "oldestUndeliveredAgeSeconds": None,
         "alarm": False,
         "dropped": 0,
+        "deadLetters": 0,
+        "lastDeadLetter": None,
         "lastError": None,
     }
 
@@ -355,3 +358,259 @@ def test_sigkill_loses_only_the_last_commit_interval(tmp_path: Path) -> None:
         f"the newest committed was published {lost_window * 1000:.0f} ms before the kill "
         f"(~{rate * lost_window:.0f} events lost)"
     )
+
+
+# ------------------------------------------------------------------------------------ refused for good
+
+
+class PickySink(RecordingSink):
+    """Refuses any event whose model is ``poison``. With ``whole_batch`` the refusal hits every event of the
+    batch (as a Pub/Sub request-level ``InvalidArgument`` or a closed AMQP channel does); ``refuse_all`` refuses
+    everything (a destination misconfigured: no event is at fault)."""
+
+    def __init__(self, *, whole_batch: bool = False, refuse_all: bool = False) -> None:
+        super().__init__()
+        self.whole_batch = whole_batch
+        self.refuse_all = refuse_all
+        self.batches: list[list[str]] = []
+
+    async def send(self, events: Sequence[PendingEvent]) -> SendResult:
+        self.attempts += 1
+        self.batches.append([event.event_id for event in events])
+        poisoned = {e.seq for e in events if self.refuse_all or orjson.loads(e.body)["data"]["model"] == "poison"}
+        if not poisoned:
+            self.received.extend(events)
+            return SendResult(delivered=[event.seq for event in events])
+        refused = {e.seq for e in events} if self.whole_batch else poisoned
+        result = SendResult()
+        for event in events:
+            if event.seq in refused:
+                result.refuse(event.seq, "picky: message too large")
+            else:
+                self.received.append(event)
+                result.delivered.append(event.seq)
+        return result
+
+
+def dead_letter_rows(path: Path) -> list[tuple[str, str, str]]:
+    with sqlite3.connect(path) as db:
+        return [tuple(row) for row in db.execute("SELECT event_id, sink, reason FROM usage_dead_letter")]
+
+
+@pytest.mark.parametrize("whole_batch", [False, True], ids=["refused-alone", "refused-with-its-batch"])
+@pytest.mark.parametrize("batch_size", [1, 3, 500])
+async def test_an_event_refused_for_good_is_set_aside_and_the_others_flow(
+    tmp_path: Path, whole_batch: bool, batch_size: int
+) -> None:
+    sink = PickySink(whole_batch=whole_batch)
+    events = UsageEvents(settings_for(tmp_path, **{"batch-size": batch_size}), sink=sink)
+    await events.start()
+    try:
+        events.publish(record(0, model="poison", event_id="poison"))
+        for n in range(1, 11):
+            events.publish(record(n, event_id=f"normal-{n}"))
+        await wait_until(lambda: len(set(sink.ids())) == 10, what="the ten normal events")
+        await wait_until(lambda: events.dead_letters == 1, what="the refused event set aside")
+        await wait_until(lambda: events.depth == 0, what="the delivered ones removed")  # just after the sink took them
+        details: Any = events.health()["details"]
+        assert events.health()["status"] == "UP" and details["outboxDepth"] == 0
+        assert details["deadLetters"] == 1 and details["lastDeadLetter"] == "poison: picky: message too large"
+        attempts = sink.attempts
+        for n in range(11, 16):  # later events flow as before, and the refused one is not tried again
+            events.publish(record(n, event_id=f"normal-{n}"))
+        await wait_until(lambda: len(set(sink.ids())) == 15, what="five more")
+        assert all("poison" not in batch for batch in sink.batches[attempts:])
+    finally:
+        await events.close(timeout=1)
+    assert sorted(set(sink.ids())) == sorted(f"normal-{n}" for n in range(1, 16))
+    assert dead_letter_rows(tmp_path / "outbox.sqlite3") == [("poison", "recording", "picky: message too large")]
+    assert rows_on_disk(tmp_path / "outbox.sqlite3") == 0
+    again = UsageEvents(settings_for(tmp_path), sink=RecordingSink())  # kept across a restart, never re-sent
+    await again.start()
+    assert again.dead_letters == 1 and again.health()["details"]["deadLetters"] == 1  # type: ignore[index]
+    await again.close(timeout=1)
+
+
+async def test_a_refused_event_alone_waits_until_another_event_gets_through(tmp_path: Path) -> None:
+    sink = PickySink()
+    events = UsageEvents(settings_for(tmp_path), sink=sink)
+    await events.start()
+    try:
+        events.publish(record(0, model="poison", event_id="poison"))
+        await wait_until(lambda: sink.attempts >= 3, what="a few attempts")
+        # Nothing proves yet that the fault is the event's and not the destination's: it stays pending.
+        assert events.dead_letters == 0 and events.depth == 1
+        assert "message too large" in str(events.health()["details"]["lastError"])  # type: ignore[index]
+        events.publish(record(1, event_id="normal"))
+        await wait_until(lambda: events.dead_letters == 1, what="the refused event set aside")
+        assert sink.ids() == ["normal"] and events.depth == 0
+    finally:
+        await events.close(timeout=1)
+
+
+async def test_a_destination_refusing_everything_sets_nothing_aside(tmp_path: Path) -> None:
+    sink = PickySink(refuse_all=True)
+    events = UsageEvents(settings_for(tmp_path, **{"batch-size": 2}), sink=sink)
+    await events.start()
+    try:
+        for n in range(10):
+            events.publish(record(n))
+        await wait_until(lambda: sink.attempts >= 30, what="many attempts")
+        assert events.dead_letters == 0 and events.depth == 10
+        assert events.health()["details"]["lastError"] == "picky: message too large"  # type: ignore[index]
+        sink.refuse_all = False  # the destination fixed: every event goes, none was lost
+        await wait_until(lambda: events.depth == 0, what="the outbox to drain")
+        assert len(set(sink.ids())) == 10 and events.dead_letters == 0
+    finally:
+        await events.close(timeout=1)
+
+
+# --------------------------------------------------------------------------------- outbox files adopted
+
+
+def fill(path: Path, ids: Sequence[str], *, dead: Sequence[str] = ()) -> None:
+    """An outbox file as a process that is gone left it: pending rows (and dead letters), its lock released."""
+    box = Outbox(path)
+    assert box.path == path
+    box.append([(event_id, time.time(), orjson.dumps({"id": event_id, "data": {}})) for event_id in ids])
+    for event_id in dead:
+        box.append([(event_id, time.time(), b"{}")])
+        (seq,) = [event.seq for event in box.pending(10_000) if event.event_id == event_id]
+        assert box.set_aside(seq, "rabbitmq", "too large")
+    box.close()
+
+
+@pytest.mark.parametrize(
+    "left_behind",
+    [
+        ["outbox.sqlite3.0", "outbox.sqlite3.1"],  # --workers 2 before workers took slots
+        ["outbox.sqlite3", "outbox-1.sqlite3", "outbox-2.sqlite3"],  # three processes' slots
+        ["outbox.sqlite3.1", "outbox-1.sqlite3", "outbox.sqlite3-1.0"],  # a mix, and a slot of a worker file
+    ],
+)
+async def test_every_outbox_file_left_behind_is_delivered_whatever_the_process_count(
+    tmp_path: Path, left_behind: list[str]
+) -> None:
+    expected: list[str] = []
+    for index, name in enumerate(left_behind):
+        ids = [f"{name}-{n}" for n in range(4)]
+        fill_any(tmp_path / name, ids, dead=[f"{name}-dead"] if index == 0 else [])
+        expected.extend(ids)
+    sink = RecordingSink()
+    events = UsageEvents(settings_for(tmp_path), sink=sink)  # one process now
+    await events.start()
+    try:
+        await wait_until(lambda: len(sink.received) >= len(expected), what="every left-behind event")
+        assert events.dead_letters == 1
+    finally:
+        await events.close(timeout=1)
+    assert sorted(sink.ids()) == sorted(expected)
+    remaining = sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith((".lock", "-wal", "-shm")))
+    assert remaining == ["outbox.sqlite3"]
+    assert rows_on_disk(tmp_path / "outbox.sqlite3") == 0
+    assert [row[0] for row in dead_letter_rows(tmp_path / "outbox.sqlite3")] == [f"{left_behind[0]}-dead"]
+
+
+def fill_any(path: Path, ids: Sequence[str], *, dead: Sequence[str] = ()) -> None:
+    """``fill`` for any file name: a slot name is claimed directly, by holding the lower slots meanwhile."""
+    holders = []
+    try:
+        while True:
+            box = Outbox(path_family(path))
+            if box.path == path:
+                box.close()
+                break
+            holders.append(box)
+        fill(path, ids, dead=dead)
+    finally:
+        for holder in holders:
+            holder.close()
+
+
+def path_family(path: Path) -> Path:
+    """The configured path a slot file belongs to (``outbox-2.sqlite3`` -> ``outbox.sqlite3``)."""
+    return path.with_name(re.sub(r"-\d+(\.[^.]+)$", r"\1", path.name))
+
+
+async def test_a_live_process_keeps_its_file(tmp_path: Path) -> None:
+    other = Outbox(tmp_path / "outbox.sqlite3")  # a live worker's outbox, with events of its own
+    other.append([("theirs", time.time(), b'{"id": "theirs", "data": {}}')])
+    sink = RecordingSink()
+    events = UsageEvents(settings_for(tmp_path), sink=sink)
+    await events.start()
+    try:
+        assert events.depth == 0  # it took the next slot and left the live one alone
+        events.publish(record(1, event_id="mine"))
+        await wait_until(lambda: sink.ids() == ["mine"], what="its own event")
+    finally:
+        await events.close(timeout=1)
+        assert other.depth == 1
+        other.close()
+
+
+def test_adoption_leaves_a_file_that_is_not_an_outbox_alone(tmp_path: Path) -> None:
+    stranger = tmp_path / "outbox.sqlite3.7"
+    with sqlite3.connect(stranger) as db:
+        db.execute("CREATE TABLE something_else (x)")
+    box = Outbox(tmp_path / "outbox.sqlite3")
+    try:
+        assert box.adopt_orphans() == []
+    finally:
+        box.close()
+    assert stranger.exists()
+
+
+# ----------------------------------------------------------------------------------------- shutdown
+
+
+async def test_events_still_being_written_at_shutdown_reach_the_outbox(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = settings_for(tmp_path)
+    events = UsageEvents(settings, sink=RecordingSink(up=False))
+    await events.start()
+    # Another connection holds the write lock: the writer's commit waits (as on a stalled disk).
+    blocker = sqlite3.connect(tmp_path / "outbox.sqlite3", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        for n in range(5):
+            events.publish(record(n))
+        with caplog.at_level(logging.WARNING, logger="gate.events"):
+            closing = asyncio.create_task(events.close(timeout=0.1))
+            await wait_until(
+                lambda: any("still being committed" in r.getMessage() for r in caplog.records),
+                what="the warning that the writer is still busy",
+            )
+            assert not closing.done()  # the outbox is not closed under the writer
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    await closing
+    assert rows_on_disk(tmp_path / "outbox.sqlite3") == 5
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("5 usage events stay in" in m for m in messages), messages
+    assert not any("lost" in m for m in messages), messages
+
+
+async def test_events_the_outbox_never_took_are_reported_lost_not_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = settings_for(tmp_path)
+    events = UsageEvents(settings, sink=RecordingSink(up=False))
+    await events.start()
+    blocker = sqlite3.connect(tmp_path / "outbox.sqlite3", isolation_level=None, timeout=0)
+    blocker.execute("BEGIN IMMEDIATE")
+    assert events._outbox is not None
+    events._outbox._db.execute("PRAGMA busy_timeout = 50")  # the writer gives up fast instead of after 30 s
+    try:
+        for n in range(5):
+            events.publish(record(n))
+        with caplog.at_level(logging.WARNING, logger="gate.events"):
+            await events.close(timeout=0.1)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert rows_on_disk(tmp_path / "outbox.sqlite3") == 0
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("5 usage events lost") for m in messages), messages
+    assert not any("stay in" in m for m in messages), messages

@@ -18,7 +18,7 @@ import anthropic
 import httpx
 import pytest
 
-from tests.fake_anthropic import FakeAnthropic, Reply, error_reply, fixture
+from tests.fake_anthropic import FakeAnthropic, Received, Reply, error_reply, fixture
 from tests.harness import RunningGate, read_events
 
 MESSAGE = {"model": "claude-opus-4-6", "max_tokens": 64, "messages": [{"role": "user", "content": "Hello"}]}
@@ -212,10 +212,37 @@ def test_clients_leaving_half_open_trials_do_not_leak_permits(breaker_gate: Runn
             assert response.status_code == 200
             next(response.iter_raw())
         wait_for(lambda c=cancelled: fake.cancelled > c, "upstream cancelled")  # type: ignore[misc]
-    assert breaker_state(gate) == "HALF_OPEN"
-    assert post(gate).status_code == 200  # the slots came back: trial calls still get through
-    assert post(gate).status_code == 200
+    # The trial was judged at the two heads (both 200): closed, whatever the clients did afterwards.
     assert breaker_state(gate) == "CLOSED"
+    assert post(gate).status_code == 200
+    assert post(gate).status_code == 200
+
+
+def test_a_trial_stream_that_breaks_after_its_head_counts_as_a_failure(
+    breaker_gate: RunningGate, fake: FakeAnthropic
+) -> None:
+    gate = breaker_gate
+    open_breaker(gate, fake, 500)
+    time.sleep(1)
+    fake.enqueue(*(Reply(fixture="stream-basic.sse", cuts=[300], delay=0.5, drop_after=300) for _ in range(2)))
+    headers = {"authorization": f"Bearer {gate.token()}"}
+    with httpx.Client(timeout=WAIT) as one, httpx.Client(timeout=WAIT) as two:
+        streams = [
+            client.stream("POST", gate.url + "/v1/messages", content=json.dumps(STREAM).encode(), headers=headers)
+            for client in (one, two)
+        ]
+        responses = [cm.__enter__() for cm in streams]  # both heads are in: the trial is judged
+        try:
+            assert breaker_state(gate) == "CLOSED"
+            for response in responses:
+                with pytest.raises(httpx.HTTPError):
+                    response.read()  # the client has part of the answer, then the connection is cut
+        finally:
+            for cm in streams:
+                cm.__exit__(None, None, None)
+    # Closed at the heads; the two late failures then land in the fresh window, counted against Anthropic.
+    details = health(gate)[1]["components"]["circuitBreaker"]["details"]
+    assert details["state"] == "CLOSED" and details["failedCalls"] == 2 and details["bufferedCalls"] == 2
 
 
 # ------------------------------------------------------------------------------------------------ key health
@@ -266,34 +293,43 @@ def test_a_rejected_key_is_quarantined_with_an_alarm_naming_its_alias(
     start_gate: StartGate, fake: FakeAnthropic, caplog: pytest.LogCaptureFixture
 ) -> None:
     gate = start_gate(anthropic={"api": {"key-health": {"quarantine": "1h"}}})
-    fake.enqueue(error_reply(401, "authentication_error", "invalid x-api-key"))
+
+    def revoked_primary(r: Received) -> Reply:
+        if r.headers.get("x-api-key") == PRIMARY:
+            return error_reply(401, "authentication_error", "invalid x-api-key")
+        return Reply(fixture="message-basic.json")
+
+    fake.responder = revoked_primary
     with caplog.at_level(logging.INFO):
-        assert post(gate).status_code == 200  # retried on the other key before any byte reached the client
-        for _ in range(3):
-            assert post(gate).status_code == 200
-    rejected, good = sent_aliases(fake)[:2]
-    assert sent_aliases(fake)[1:] == [good] * 4  # later requests skip the quarantined key
+        for _ in range(4):
+            assert post(gate).status_code == 200  # the first retried on the other key before any byte was sent
+    posts = [ALIAS_BY_VALUE[r.headers["x-api-key"]] for r in fake.received if r.method == "POST"]
+    assert posts.count("primary") == 1  # later requests skip the quarantined key
     alarms = [r for r in caplog.records if r.name == "gate.keys" and r.levelno >= logging.ERROR]
     assert len(alarms) == 1
-    assert rejected in alarms[0].getMessage() and "401" in alarms[0].getMessage()
+    assert "primary" in alarms[0].getMessage() and "401" in alarms[0].getMessage()
     assert PRIMARY not in caplog.text and SECONDARY not in caplog.text
     keys = health(gate)[1]["components"]["apiKeys"]["details"]["keys"]
     states = {k["alias"]: k for k in keys}
-    assert states[rejected]["state"] == "quarantined" and states[rejected]["availableInSeconds"] > 3000
+    assert states["primary"]["state"] == "quarantined" and states["primary"]["availableInSeconds"] > 3000
 
 
-def test_a_403_key_is_quarantined_too_and_a_lone_key_passes_the_403_through(
+def test_a_lone_key_passes_a_403_through_and_stays_while_a_401_takes_it_out(
     start_gate: StartGate, fake: FakeAnthropic
 ) -> None:
     gate = start_gate(anthropic={"api": {"keys": [{"alias": "only", "value": PRIMARY}]}})
-    fake.enqueue(error_reply(403, "permission_error", "key disabled"))
+    fake.enqueue(error_reply(403, "permission_error", "not for this organisation"))
     response = post(gate)
     assert response.status_code == 403 and "x-gate-error" not in response.headers
+    assert post(gate).status_code == 200  # a 403 is about the request: the key stays
+    fake.responder = lambda r: error_reply(401, "authentication_error", "invalid x-api-key")
+    response = post(gate)
+    assert response.status_code == 401 and "x-gate-error" not in response.headers
     refused = post(gate)  # the only key was rejected: Gate answers itself, and not as a rate limit to wait out
     assert refused.status_code == 503 and refused.headers["x-gate-error"] == "overloaded_error"
     assert refused.json()["error"]["message"].startswith("Every Anthropic API key of the gateway was rejected")
     assert int(refused.headers["retry-after"]) > 0
-    assert len(fake.received) == 1
+    assert len([r for r in fake.received if r.method == "POST"]) == 3
 
 
 # ------------------------------------------------------------------------------------------------ timeouts

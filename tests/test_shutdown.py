@@ -1,4 +1,5 @@
-"""Graceful shutdown of a real ``gate serve`` process: SIGTERM drains live streams, flushes usage events, exits 0."""
+"""Graceful shutdown of a real ``gate serve`` process: SIGTERM drains live streams, flushes usage events, exits 0;
+and a restart with another number of workers delivers what the last run left in its outbox files."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import httpx
 import pytest
 import yaml
 
+from gate.events import Outbox
 from gate.identity.auth import mint_dev_token
 from gate.settings import load_settings
 from tests.fake_anthropic import FakeAnthropic, Reply, fixture
@@ -103,10 +105,10 @@ def wait_for(condition: Any, what: str) -> None:
 def gate_process(tmp_path: Path, fake: FakeAnthropic) -> Iterator[Any]:
     started: list[GateProcess] = []
 
-    def start(drain_timeout: str = "20s") -> GateProcess:
+    def start(drain_timeout: str = "20s", workers: int = 1) -> GateProcess:
         port, management_port = free_port(), free_port()
         config = {
-            "server": {"host": "127.0.0.1", "port": port,
+            "server": {"host": "127.0.0.1", "port": port, "workers": workers,
                        "shutdown": {"drain-timeout": drain_timeout, "flush-timeout": "5s"}},
             "management": {"server": {"port": management_port}},
             "security": {"jwt": {"dev": {"data-dir": str(tmp_path / "dev-keys")}}},
@@ -181,3 +183,39 @@ def test_a_stream_longer_than_the_drain_timeout_is_cut_and_still_recorded(
     wait_for(lambda: fake.cancelled == 1, "the upstream request to be cancelled")
     (event,) = read_events(gate.events_path, 1)
     assert event["data"]["status"] == "client_disconnected" and event["data"]["input_tokens"] == 25
+
+
+def leave_events(path: Path, ids: list[str]) -> None:
+    """Undelivered events in one outbox file, as a process that is gone left them."""
+    outbox = Outbox(path)
+    assert outbox.path == path, "a live process holds this file"
+    outbox.append([(i, time.time(), json.dumps({"id": i, "data": {"status": "left"}}).encode()) for i in ids])
+    outbox.close()
+
+
+def test_changing_the_number_of_workers_strands_no_event(gate_process: Any, tmp_path: Path) -> None:
+    # Two workers of an earlier release wrote outbox.sqlite3.0 and .1; one process starts now.
+    left = {name: [f"{name}-{n}" for n in range(4)] for name in ("outbox.sqlite3.0", "outbox.sqlite3.1")}
+    for name, ids in left.items():
+        leave_events(tmp_path / name, ids)
+    gate: GateProcess = gate_process(workers=1)
+    events = read_events(gate.events_path, 8)
+    assert sorted(e["id"] for e in events) == sorted(left["outbox.sqlite3.0"] + left["outbox.sqlite3.1"])
+    gate.process.send_signal(signal.SIGTERM)
+    assert gate.process.wait(WAIT) == 0, gate.log_path.read_text()
+
+    # Three processes' slots left behind (outbox.sqlite3, outbox-1.sqlite3, outbox-2.sqlite3); two workers start now.
+    gate.events_path.unlink()
+    slots = {slot: [f"slot-{slot}-{n}" for n in range(slot + 2)] for slot in range(3)}  # 2 + 3 + 4 events
+    for slot, ids in slots.items():
+        lower = [Outbox(tmp_path / "outbox.sqlite3") for _ in range(slot)]  # held, so that this slot is the next
+        leave_events(tmp_path / ("outbox.sqlite3" if slot == 0 else f"outbox-{slot}.sqlite3"), ids)
+        for holder in lower:
+            holder.close()
+    gate = gate_process(workers=2)
+    events = read_events(gate.events_path, 9)
+    assert sorted(e["id"] for e in events) == sorted(i for ids in slots.values() for i in ids)
+    gate.process.send_signal(signal.SIGTERM)
+    assert gate.process.wait(WAIT) == 0, gate.log_path.read_text()
+    assert len(read_events(gate.events_path, 9)) == 9  # nothing delivered twice
+    assert "adopted" in gate.log_path.read_text()

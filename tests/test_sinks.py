@@ -1,4 +1,5 @@
-"""The sinks against the real things: RabbitMQ (including an outage), the Pub/Sub emulator, a JSON Lines file."""
+"""The sinks against the real things: RabbitMQ (including an outage, through a fault proxy), the Pub/Sub emulator,
+a JSON Lines file; and events those destinations refuse for good."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from cloudevents.v1.http import from_http, from_json
 from pydantic import SecretStr
 
 from gate.accounting.usage import UsageRecord
-from gate.events import UsageEvents
+from gate.events import Outbox, UsageEvents, build_event, encode_event
+from gate.events.rabbitmq import RabbitMQSink
 from gate.events.sink import describe_error
 from gate.settings import UsageSettings
 from tests.brokers import (
@@ -26,11 +28,13 @@ from tests.brokers import (
     RabbitConsumer,
     delete_exchange,
     exchange_info,
+    proxied_url,
     pubsub_emulator_host,  # noqa: F401 - a fixture
+    rabbit_proxy,  # noqa: F401 - a fixture
     rabbitmq,  # noqa: F401 - a fixture
-    rabbitmq_stopped,
     wait_until,
 )
+from tests.faultproxy import FaultProxy
 
 TYPE = "io.github.samzhu.gate.usage.v1"
 SOURCE = "/gate/messages"
@@ -77,14 +81,17 @@ def usage_settings(tmp_path: Path, **sections: Any) -> UsageSettings:
     return UsageSettings.model_validate({"outbox": outbox} | sections)
 
 
-def rabbit_settings(tmp_path: Path, exchange: str, mode: str = "structured") -> UsageSettings:
-    return usage_settings(
+def rabbit_settings(
+    tmp_path: Path, exchange: str, mode: str = "structured", url: str = RABBITMQ_URL, **outbox: Any
+) -> UsageSettings:
+    settings = usage_settings(
         tmp_path,
         publisher="rabbitmq",
         destination=exchange,
         **{"content-mode": mode},
-        rabbitmq={"url": RABBITMQ_URL, "routing-key": ROUTING_KEY, "confirm-timeout": "5s"},
+        rabbitmq={"url": url, "routing-key": ROUTING_KEY, "confirm-timeout": "5s"},
     )
+    return settings.model_copy(update={"outbox": settings.outbox.model_copy(update=outbox)})
 
 
 def unique(prefix: str) -> str:
@@ -232,12 +239,12 @@ def test_error_text_never_carries_credentials() -> None:
     assert text == "OSError: cannot reach amqp://******@broker:5672/ (******)"
 
 
-async def test_rabbitmq_outage_loses_nothing(tmp_path: Path, rabbitmq: str) -> None:  # noqa: F811
+async def test_rabbitmq_outage_loses_nothing(tmp_path: Path, rabbit_proxy: FaultProxy) -> None:  # noqa: F811
     exchange = unique("gate-test-usage")
     queue = f"{exchange}-durable"
-    before = RabbitConsumer(exchange, "#", queue=queue)  # a durable queue: it outlives the restart
+    before = RabbitConsumer(exchange, "#", queue=queue)  # a durable queue: it collects across the outage
     await before.__aenter__()
-    events = UsageEvents(rabbit_settings(tmp_path, exchange))
+    events = UsageEvents(rabbit_settings(tmp_path, exchange, url=proxied_url(rabbit_proxy)))
     await events.start()
     try:
         for n in range(100):
@@ -246,7 +253,7 @@ async def test_rabbitmq_outage_loses_nothing(tmp_path: Path, rabbitmq: str) -> N
         assert events.health()["details"]["connected"] is True  # type: ignore[index]
         await before.close()
 
-        async with rabbitmq_stopped():
+        with rabbit_proxy.outage():  # RabbitMQ gone for Gate: connections reset, the port closed
             for n in range(100, 600):
                 events.publish(record(n))
             await wait_until(lambda: events.publish_failures_total > 0, what="a failed attempt")
@@ -266,12 +273,43 @@ async def test_rabbitmq_outage_loses_nothing(tmp_path: Path, rabbitmq: str) -> N
         assert numbers == {f"msg_{n}" for n in range(100, 600)}
         ids = after.ids()
         print(
-            f"\noutage: 500 events published while RabbitMQ was stopped, {len(set(ids))} arrived, "
+            f"\noutage: 500 events published while RabbitMQ was unreachable, {len(set(ids))} arrived, "
             f"{len(ids) - len(set(ids))} duplicates, {events.publish_failures_total} failed attempts"
         )
     finally:
         await events.close(timeout=5)
         await delete_exchange(exchange)
+
+
+async def test_rabbitmq_closing_the_connection_over_one_message_sets_only_that_one_aside(
+    tmp_path: Path,
+    rabbitmq: str,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Without Gate's own frame check, the broker answers a header frame over frame_max by closing the whole
+    # connection (FRAME_ERROR): every message awaiting its confirm fails with it, and only the one at fault may go.
+    monkeypatch.setattr(RabbitMQSink, "_frame_max", lambda self: 0)
+    exchange = unique("gate-test-usage")
+    event = build_event(record(99), event_type=TYPE, source=SOURCE)
+    event["subject"] = "s" * 200_000  # as a release before the bounds could write it
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
+    outbox.append([(event["id"], 0.0, encode_event(event))])
+    outbox.close()
+    async with RabbitConsumer(exchange, "#") as consumer:
+        events = UsageEvents(rabbit_settings(tmp_path, exchange, "binary", batch_size=4))
+        await events.start()
+        try:
+            for n in range(10):
+                events.publish(record(n))
+            await consumer.wait_for(10, unique=True)
+            await wait_until(lambda: events.dead_letters == 1, what="the refused event set aside")
+            # Messages routed before the close but never confirmed are sent again: at least once, same ids.
+            await wait_until(lambda: events.depth == 0, what="an empty outbox")
+            assert event["id"] not in consumer.ids()
+            assert "FRAME_ERROR" in str(events.health()["details"]["lastDeadLetter"])  # type: ignore[index]
+        finally:
+            await events.close(timeout=5)
+            await delete_exchange(exchange)
 
 
 # ------------------------------------------------------------------------------------------------ Pub/Sub

@@ -142,6 +142,7 @@ class Harness:
 
 class UsageSource:
     depth = 7
+    dead_letters = 2
     publish_failures_total = 3
     last_delivery_lag_seconds = 0.25
 
@@ -427,6 +428,7 @@ INSTRUMENTS = {
     "gate.keys.quarantines": "{quarantine}",
     "gate.keys.restorations": "{restoration}",
     "gate.usage.outbox.depth": "{event}",
+    "gate.usage.outbox.dead_letters": "{event}",
     "gate.usage.publish.failures": "{failure}",
     "gate.usage.delivery.lag": "s",
     "gate.jwks.refreshes": "{refresh}",
@@ -577,6 +579,7 @@ def test_usage_gauges_follow_their_source(harness: Harness) -> None:
     harness.tel.set_usage_source(source)
     metrics = harness.metrics()
     assert points(metrics["gate.usage.outbox.depth"])[0].value == 7
+    assert points(metrics["gate.usage.outbox.dead_letters"])[0].value == 2
     assert points(metrics["gate.usage.publish.failures"])[0].value == 3
     assert getattr(metrics["gate.usage.publish.failures"].data, "is_monotonic", False)
     assert points(metrics["gate.usage.delivery.lag"])[0].value == 0.25
@@ -649,6 +652,7 @@ PROMETHEUS_FAMILIES = {
     "gate_keys_quarantines": "counter",
     "gate_keys_restorations": "counter",
     "gate_usage_outbox_depth": "gauge",
+    "gate_usage_outbox_dead_letters": "gauge",
     "gate_usage_publish_failures": "counter",
     "gate_usage_delivery_lag_seconds": "gauge",
     "gate_jwks_refreshes": "counter",

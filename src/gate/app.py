@@ -29,6 +29,7 @@ from gate.upstreams.anthropic import Upstream
 from gate.upstreams.breaker import CircuitBreaker
 from gate.upstreams.keyfiles import KeyFiles
 from gate.upstreams.keys import KeyPool
+from gate.upstreams.probe import KeyProber
 
 __all__ = ["Gate", "run", "serve"]
 
@@ -51,6 +52,7 @@ class Gate:
     upstream: Upstream = field(init=False)
     auth: Authenticator = field(init=False)
     keys: KeyPool = field(init=False)
+    prober: KeyProber = field(init=False)
     breaker: CircuitBreaker = field(init=False)
     events: UsageEvents = field(init=False)
     health: Health = field(init=False)
@@ -65,10 +67,19 @@ class Gate:
         self.upstream = Upstream(s.anthropic.api)
         self.auth = Authenticator(s.security.jwt, dev_auth=s.dev_auth)
         self.auth.on_refresh = telemetry.on_jwks_refresh
-        self.keys = KeyPool(s.anthropic.api.usable_keys, s.anthropic.api.key_health, on_event=telemetry.on_key_event)
-        if s.anthropic.api.key_files.dir is not None:  # keys from a mounted Secret, re-read while running
-            self.key_files = KeyFiles(s.anthropic.api.key_files, self.keys, s.anthropic.api.usable_keys)
+        api = s.anthropic.api
+        self.keys = KeyPool(api.usable_keys, api.key_health, on_event=telemetry.on_key_event)
+        if api.key_files.dir is not None:  # keys from a mounted Secret, re-read while running
+            self.key_files = KeyFiles(api.key_files, self.keys, api.usable_keys)
             self.key_files.load()
+        self.prober = KeyProber(
+            self.keys,
+            self.upstream,
+            api.key_health,
+            default_version=api.default_version,
+            timeout=min(api.timeouts.response_headers, 30.0),
+        )
+        self.keys.on_quarantine = self.prober.watch
         self.breaker = CircuitBreaker(
             s.resilience.circuit_breaker, on_state_change=lambda old, new: telemetry.on_breaker_change(old, new)
         )
@@ -174,6 +185,7 @@ class Gate:
             await self.key_files.close()
         await self.events.close(self.settings.server.shutdown.flush_timeout)
         await self.auth.close()
+        await self.prober.close()
         await self.upstream.close()
         assert self.telemetry is not None
         await self.telemetry.shutdown()
@@ -252,16 +264,14 @@ def _run_loop(main: Any) -> None:
 
 
 def _run_workers(settings: GateSettings) -> None:
-    """One process per worker, all bound to the port with SO_REUSEPORT; each keeps its own outbox file."""
+    """One process per worker, all bound to the port with SO_REUSEPORT; each claims its own slot of the outbox
+    path (``outbox.Outbox``), and at start adopts the files no live process holds, whatever the worker count."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     children = []
     for index in range(settings.server.workers):
-        outbox = settings.usage.outbox.model_copy(update={"path": f"{settings.usage.outbox.path}.{index}"})
-        usage = settings.usage.model_copy(update={"outbox": outbox})
-        worker_settings = settings.model_copy(update={"usage": usage})
-        child = ctx.Process(target=_worker_main, args=(worker_settings,), name=f"gate-worker-{index}")
+        child = ctx.Process(target=_worker_main, args=(settings,), name=f"gate-worker-{index}")
         child.start()
         children.append(child)
 

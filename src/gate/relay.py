@@ -11,6 +11,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
@@ -45,7 +46,10 @@ _CONTENT_LENGTH = istr("content-length")
 _RETRY_AFTER = istr("retry-after")
 _REQUEST_ID = istr("request-id")
 _SESSION_ID = istr("x-claude-code-session-id")
-_KEY_TROUBLE = frozenset({401, 403, 429})
+# Answers about the key rather than the request: retried on another key. A 403 (``permission_error``) is about
+# the request, say a model the organisation lacks, and reaches the client unchanged.
+_KEY_TROUBLE = frozenset({401, 429})
+_MAX_MODEL_LENGTH = 256  # no model id comes close; bounds what reaches spans, events and logs
 # How a relayed 2xx can still show Anthropic failing (stalled or broken stream, an error event inside it): the
 # breaker counts these like a 5xx or 529.
 _UPSTREAM_FAULTS = frozenset({"api_error", "overloaded_error", "timeout_error"})
@@ -56,9 +60,17 @@ class _ClientGone(Exception):
     """The client closed its connection while we were answering."""
 
 
+class _ClientStalled(Exception):
+    """The client took no bytes for ``server.limits.send-timeout``: its fault, not Anthropic's."""
+
+    def __init__(self, response: StreamResponse) -> None:
+        super().__init__("client stalled")
+        self.response = response
+
+
 @dataclass(slots=True)
-class _Call:
-    """What one client request has learnt so far; the source of its usage record and access log line."""
+class _Exchange:
+    """One client request: what it has learnt so far, the source of its access line and its records' context."""
 
     route: str
     started: float
@@ -69,7 +81,6 @@ class _Call:
     key_alias: str | None = None
     upstream_wait: float = 0.0
     status: int = 0
-    meter: UsageMeter | None = None
     ttft_ms: int | None = None
     records: list[UsageRecord] = field(default_factory=list)
     trace_id: str | None = None  # the request's trace, the same in every span and record of it
@@ -80,8 +91,8 @@ class _Call:
 
 
 @dataclass(slots=True)
-class _Attempt:
-    """The state shared by the upstream attempts of one client request (key and connect retries)."""
+class _Attempts:
+    """What the upstream attempts of one client request share: the body, the breaker permit, keys tried."""
 
     path_qs: str
     accept_encoding: str | None
@@ -92,7 +103,62 @@ class _Attempt:
     key_failures: int = 0
     connect_failures: int = 0
     permit_done: bool = False
-    headers_wait: float = 0.0  # time to upstream's response headers: what the breaker judges slowness by
+
+
+class _UpstreamCall:
+    """One upstream attempt. It ends in exactly one usage record (on metered routes), whatever ends it: ``end``
+    says how, and leaving its ``with`` block without ending it ends it by the way it was left (the client went
+    away, the client stalled, or a bug of ours, which is never recorded as a success)."""
+
+    __slots__ = ("_exchange", "_record", "ended", "http_status", "meter", "metered", "request_id")
+
+    def __init__(self, record: _RecordFn, exchange: _Exchange, *, metered: bool) -> None:
+        self._record = record
+        self._exchange = exchange
+        self.metered = metered
+        self.meter: UsageMeter | None = None
+        self.http_status: int | None = None
+        self.request_id: str | None = None
+        self.ended = False
+
+    def __enter__(self) -> _UpstreamCall:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if self.ended:
+            return
+        if exc_type is None:
+            log.error("an upstream call ended without an outcome; recorded as an error")
+            self.end("error", "api_error")
+        elif issubclass(exc_type, (asyncio.CancelledError, _ClientGone)):
+            self.end("client_disconnected", None)
+        elif issubclass(exc_type, _ClientStalled):
+            self.end("client_timeout", None)
+        else:
+            self.end("error", "api_error")
+
+    def answered(self, upstream: UpstreamResponse) -> None:
+        self.http_status = upstream.status
+        self.request_id = upstream.headers.get(_REQUEST_ID)
+
+    def end(self, status: str, error_type: str | None) -> None:
+        """The attempt's outcome: record it, once."""
+        if self.ended:
+            return
+        self.ended = True
+        if self.metered:
+            self._record(self._exchange, self, status, error_type)
+
+    def end_with_error_body(self, body: bytes, headers: Any) -> None:
+        """An upstream error answer that the client will not see (Gate retries): its type comes from its body."""
+        meter = UsageMeter(stream=False, content_encoding=headers.get(_CONTENT_ENCODING))
+        meter.feed(body)
+        meter.finish()
+        self.meter = meter
+        self.end("error", meter.error_type or error_type_for(self.http_status or 502))
+
+
+_RecordFn = Callable[[_Exchange, "_UpstreamCall", str, "str | None"], None]
 
 
 @dataclass(slots=True, frozen=True)
@@ -128,10 +194,13 @@ class Relay:
         self._key_attempts = api.retry.key_attempts
         self._headers_timeout = api.timeouts.response_headers
         self._idle_timeout = api.timeouts.stream_idle
-        self._max_body = settings.server.limits.max_body_size
-        self._body_timeout = settings.server.limits.body_timeout
+        limits = settings.server.limits
+        self._send_timeout = limits.send_timeout
+        self._max_body = limits.max_body_size
+        self._body_timeout = limits.body_timeout
         self._access_log = settings.observability.logging.access_log
-        self._watchdogs = _Watchdogs(max(min(1.0, self._headers_timeout / 8, self._idle_timeout / 8), 0.005))
+        shortest = min(self._headers_timeout, self._idle_timeout, self._send_timeout, self._body_timeout)
+        self._watchdogs = _Watchdogs(max(min(1.0, shortest / 8), 0.005))
 
     # ------------------------------------------------------------------------------------------- handlers
 
@@ -146,45 +215,45 @@ class Relay:
         return await self._handle(request, route, metered=False)
 
     async def _handle(self, request: Request, route: str, *, metered: bool) -> StreamResponse:
-        call = _Call(route=route, started=perf_counter())
+        exchange = _Exchange(route=route, started=perf_counter())
         telemetry = self._telemetry
         with telemetry.server_span(request.method, route, request.headers) as span:
-            call.server_span = span
-            call.trace_id, call.span_id = telemetry.trace_ids()
+            exchange.server_span = span
+            exchange.trace_id, exchange.span_id = telemetry.trace_ids()
             try:
-                response = await self._serve(request, call, metered=metered)
-                call.status = response.status
+                response = await self._serve(request, exchange, metered=metered)
+                exchange.status = response.status
                 return response
             except asyncio.CancelledError:
-                call.status = 499  # nginx's convention for "client closed request"
+                exchange.status = 499  # nginx's convention for "client closed request"
                 raise
             except _ClientGone:
-                call.status = 499
-                return call.response or Response(status=499)
+                exchange.status = 499
+                return exchange.response or Response(status=499)
             finally:
-                duration = perf_counter() - call.started
-                overhead = max(duration - call.upstream_wait, 0.0)
-                for record in call.records:
+                duration = perf_counter() - exchange.started
+                overhead = max(duration - exchange.upstream_wait, 0.0)
+                for record in exchange.records:
                     self._events.publish(record)
                 telemetry.record_request(
                     method=request.method,
                     route=route,
-                    status=call.status,
+                    status=exchange.status,
                     duration=duration,
                     overhead=overhead,
-                    sub=call.sub,
+                    sub=exchange.sub,
                 )
                 if self._access_log:
-                    self._log_access(request, call, duration, overhead)
+                    self._log_access(request, exchange, duration, overhead)
 
-    async def _serve(self, request: Request, call: _Call, *, metered: bool) -> StreamResponse:
+    async def _serve(self, request: Request, exchange: _Exchange, *, metered: bool) -> StreamResponse:
         try:
             headers = request.headers
             identity = await self._auth.authenticate(headers.get(_AUTHORIZATION), headers.get(_X_API_KEY))
         except AuthError as exc:
             self._telemetry.on_auth_failure(exc.reason)
             return error_response(401, exc.message, headers={"WWW-Authenticate": www_authenticate(exc)})
-        call.sub = identity.sub
+        exchange.sub = identity.sub
         body: bytes | None = None
         if request.method == "POST":
             body_or_error = await self._read_body(request)
@@ -195,32 +264,43 @@ class Relay:
             if isinstance(parsed, str):
                 return error_response(400, parsed)
             model = parsed.get("model")
-            call.model = model if isinstance(model, str) else None
-            call.stream = parsed.get("stream") is True
-        call.session_id = request.headers.get(_SESSION_ID)
-        return await self._forward(request, call, body, metered=metered)
+            if isinstance(model, str):
+                if len(model) > _MAX_MODEL_LENGTH:
+                    return error_response(
+                        400, f"model: no model has a name of {len(model)} characters (at most {_MAX_MODEL_LENGTH})."
+                    )
+                exchange.model = model
+            exchange.stream = parsed.get("stream") is True
+        exchange.session_id = request.headers.get(_SESSION_ID)
+        return await self._forward(request, exchange, body, metered=metered)
 
     async def _read_body(self, request: Request) -> bytes | Response:
         length = request.content_length
         if length is not None and length > self._max_body:
             return error_response(413, f"Request body is larger than the gateway's limit of {self._max_body} bytes.")
+        # The whole body may have come with the headers: then no deadline is needed.
+        watchdog = None if request.complete else self._watchdogs.watch(self._body_timeout)
         try:
-            if request.complete:  # the whole body came with the headers: no deadline needed
-                return await request.read()
-            async with asyncio.timeout(self._body_timeout):
-                return await request.read()
+            return await request.read()
         except ConnectionError:
             raise _ClientGone() from None
         except BadBody:
             return error_response(400, "The request body's chunked framing is malformed.")
         except BodyTooLarge:
             return error_response(413, f"Request body is larger than the gateway's limit of {self._max_body} bytes.")
-        except TimeoutError:
-            return error_response(408, "The request body did not arrive in time.")
+        except asyncio.CancelledError:
+            if watchdog is not None and watchdog.absorb_cancel():
+                return error_response(408, "The request body did not arrive in time.")
+            raise
+        finally:
+            if watchdog is not None:
+                watchdog.stop()
 
     # ------------------------------------------------------------------------------------------- upstream
 
-    async def _forward(self, request: Request, call: _Call, body: bytes | None, *, metered: bool) -> StreamResponse:
+    async def _forward(
+        self, request: Request, exchange: _Exchange, body: bytes | None, *, metered: bool
+    ) -> StreamResponse:
         try:
             permit = self._breaker.acquire()
         except CircuitOpenError as exc:
@@ -230,7 +310,7 @@ class Relay:
                 "Upstream is failing; the gateway's circuit breaker is open. Retry later.",
                 headers={"retry-after": str(seconds)},
             )
-        attempt = _Attempt(
+        attempts = _Attempts(
             path_qs=request.path_qs,
             accept_encoding=filter_accept_encoding(request.headers.get(_ACCEPT_ENCODING)),
             body=body,
@@ -242,111 +322,84 @@ class Relay:
             while True:
                 if key is None:
                     try:
-                        key = self._keys.acquire(exclude=frozenset(attempt.tried))
+                        key = self._keys.acquire(exclude=frozenset(attempts.tried))
                     except NoKeyAvailable as exc:
-                        self._breaker.release(permit)
-                        attempt.permit_done = True
-                        return _no_key_response(exc, retried=bool(attempt.tried))
-                attempt.tried.add(key.alias)
-                call.key_alias = key.alias
+                        return _no_key_response(exc, retried=bool(attempts.tried))
+                attempts.tried.add(key.alias)
+                exchange.key_alias = key.alias
                 with self._telemetry.client_span(
-                    call.model, stream=call.stream, server_address=self._upstream.server_address
+                    exchange.model, stream=exchange.stream, server_address=self._upstream.server_address
                 ) as client_span:
-                    call.client_span = client_span
-                    outcome = await self._attempt(request, call, attempt, key)
-                    call.client_span = None
+                    exchange.client_span = client_span
+                    with _UpstreamCall(self._record, exchange, metered=metered) as call:
+                        outcome = await self._attempt(request, exchange, attempts, key, call)
+                    exchange.client_span = None
                 if isinstance(outcome, _Retry):
                     key = outcome.next_key
                     continue
                 return outcome
         finally:
-            if not attempt.permit_done:
+            if not attempts.permit_done:  # a 4xx, a client that left, no key: nothing learnt about upstream
                 self._breaker.release(permit)
 
-    async def _attempt(self, request: Request, call: _Call, attempt: _Attempt, key: Key) -> StreamResponse | _Retry:
-        """One upstream call: exactly one usage record when metered, whatever happens."""
+    async def _attempt(
+        self, request: Request, exchange: _Exchange, attempts: _Attempts, key: Key, call: _UpstreamCall
+    ) -> StreamResponse | _Retry:
+        """One upstream call, judged by the breaker at its response head; ``call`` records how it ended."""
         headers = request_headers(
             request.headers,
             api_key=key.value,
             default_version=self._default_version,
-            accept_encoding=attempt.accept_encoding,
+            accept_encoding=attempts.accept_encoding,
         )
         sent = perf_counter()
         try:
-            upstream = await self._send(request.method, attempt.path_qs, headers, attempt.body)
+            upstream = await self._send(request.method, attempts.path_qs, headers, attempts.body)
         except ConnectError as exc:
             # No connection, so nothing reached Anthropic: safe to try again, on the same key (it is not at fault).
-            waited = perf_counter() - sent
-            call.upstream_wait += waited
             timed_out = isinstance(exc, ConnectTimeout)
-            if attempt.metered:
-                error_type = "timeout_error" if timed_out else "api_error"
-                self._record(call, status="error", error_type=error_type, http_status=None, request_id=None)
-            attempt.connect_failures += 1
-            if attempt.connect_failures < self._connect_attempts:
-                attempt.tried.discard(key.alias)
+            call.end("error", "timeout_error" if timed_out else "api_error")
+            attempts.connect_failures += 1
+            if attempts.connect_failures < self._connect_attempts:
+                attempts.tried.discard(key.alias)
                 return _Retry(key)
-            self._settle(attempt, failed=True, duration=waited)
+            self._judge(attempts, failed=True, duration=perf_counter() - sent)
             log.warning("upstream unreachable: %s", type(exc).__name__)
             if timed_out:
                 return error_response(504, "The gateway could not connect to Anthropic in time.")
             return error_response(502, "The gateway could not reach Anthropic.")
         except TimeoutError:
-            waited = perf_counter() - sent
-            call.upstream_wait += waited
-            self._settle(attempt, failed=True, duration=waited)
-            if attempt.metered:
-                self._record(call, status="error", error_type="timeout_error", http_status=None, request_id=None)
+            call.end("error", "timeout_error")
+            self._judge(attempts, failed=True, duration=perf_counter() - sent)
             return error_response(504, "Anthropic did not answer in time.")
         except ClientError as exc:
             # The request may have reached Anthropic (a dropped connection, a malformed answer): never resent.
-            waited = perf_counter() - sent
-            call.upstream_wait += waited
-            self._settle(attempt, failed=True, duration=waited)
-            if attempt.metered:
-                self._record(call, status="error", error_type="api_error", http_status=None, request_id=None)
+            call.end("error", "api_error")
+            self._judge(attempts, failed=True, duration=perf_counter() - sent)
             log.warning("upstream call failed before its answer: %s", type(exc).__name__)
             return error_response(502, "The gateway could not reach Anthropic.")
-        except asyncio.CancelledError:
-            # The client left while Anthropic was thinking; the pool has closed that connection (Anthropic sees
-            # the cancel), the permit goes back in ``_forward``.
-            call.upstream_wait += perf_counter() - sent
-            if attempt.metered:
-                self._record(call, status="client_disconnected", error_type=None, http_status=None, request_id=None)
-            raise
+        finally:
+            exchange.upstream_wait += perf_counter() - sent
         waited = perf_counter() - sent
-        call.upstream_wait += waited
+        call.answered(upstream)
         status = upstream.status
         if status in _KEY_TROUBLE:
             self._report_key_trouble(key, status, upstream.headers.get(_RETRY_AFTER))
-            attempt.key_failures += 1
-            if attempt.key_failures < self._key_attempts:
-                next_key = self._next_key(attempt)
-                if next_key is not None:
-                    try:
-                        answer = await self._drain(upstream, call)
-                    except asyncio.CancelledError:
-                        if attempt.metered:
-                            self._record_error_body(call, status, b"", upstream.headers)
-                        raise
-                    if attempt.metered:
-                        self._record_error_body(call, status, answer, upstream.headers)
-                    return _Retry(next_key)
-        else:
-            self._keys.report_success(key.alias)
+            attempts.key_failures += 1
+            next_key = self._next_key(attempts) if attempts.key_failures < self._key_attempts else None
+            if next_key is not None:
+                call.end_with_error_body(await self._drain(upstream, exchange), upstream.headers)
+                return _Retry(next_key)
         if status >= 500:
-            self._settle(attempt, failed=True, duration=waited)
-        # A 2xx is judged once relayed (a stream can still break or carry an overloaded error), yet by its time
-        # to headers: a long stream is not a slow call. A 4xx says nothing about upstream: ``_forward`` releases.
-        attempt.headers_wait = waited
-        return await self._relay(request, call, upstream, attempt)
+            self._judge(attempts, failed=True, duration=waited)
+        elif status < 400:
+            # Judged now, at the head (a half-open trial must not wait for long streams); a stream that fails
+            # later is then recorded by ``_relay`` as a late failure.
+            self._judge(attempts, failed=False, duration=waited)
+        return await self._relay(request, exchange, upstream, attempts, call)
 
     async def _send(self, method: str, path_qs: str, headers: Any, body: bytes | None) -> UpstreamResponse:
-        """The upstream call up to its response headers, or TimeoutError after ``response-headers``.
-
-        The deadline ``asyncio.timeout`` would give, from the relay's shared watchdog sweep: profiled, the
-        context manager's bookkeeping cost more than the rest of Gate's header hygiene on every request.
-        """
+        """The upstream call up to its response headers, or TimeoutError after ``response-headers``."""
         watchdog = self._watchdogs.watch(self._headers_timeout)
         try:
             return await self._upstream.request(method, path_qs, headers, body)
@@ -357,14 +410,14 @@ class Relay:
         finally:
             watchdog.stop()
 
-    def _settle(self, attempt: _Attempt, *, failed: bool, duration: float) -> None:
-        if not attempt.permit_done:
-            self._breaker.record(attempt.permit, failed=failed, duration=duration)
-            attempt.permit_done = True
+    def _judge(self, attempts: _Attempts, *, failed: bool, duration: float) -> None:
+        if not attempts.permit_done:
+            self._breaker.record(attempts.permit, failed=failed, duration=duration)
+            attempts.permit_done = True
 
-    def _next_key(self, attempt: _Attempt) -> Key | None:
+    def _next_key(self, attempts: _Attempts) -> Key | None:
         try:
-            return self._keys.acquire(exclude=frozenset(attempt.tried))
+            return self._keys.acquire(exclude=frozenset(attempts.tried))
         except NoKeyAvailable:
             return None
 
@@ -374,60 +427,71 @@ class Relay:
         else:
             self._keys.report_rejected(key.alias, status)
 
-    async def _drain(self, upstream: UpstreamResponse, call: _Call) -> bytes:
+    async def _drain(self, upstream: UpstreamResponse, exchange: _Exchange) -> bytes:
+        """An error answer read to its end (bounded by ``stream-idle``), so its connection can be reused."""
         started = perf_counter()
+        watchdog = self._watchdogs.watch(self._idle_timeout)
         try:
-            async with asyncio.timeout(self._idle_timeout):
-                return await upstream.read()
-        except (TimeoutError, ClientError):
+            return await upstream.read()
+        except ClientError:
             return b""
+        except asyncio.CancelledError:
+            if watchdog.absorb_cancel():
+                return b""
+            raise
         finally:
-            call.upstream_wait += perf_counter() - started
+            watchdog.stop()
+            exchange.upstream_wait += perf_counter() - started
             upstream.release()
 
     # ------------------------------------------------------------------------------------------- relaying
 
     async def _relay(
-        self, request: Request, call: _Call, upstream: UpstreamResponse, attempt: _Attempt
+        self,
+        request: Request,
+        exchange: _Exchange,
+        upstream: UpstreamResponse,
+        attempts: _Attempts,
+        call: _UpstreamCall,
     ) -> StreamResponse:
-        """Send upstream's answer to the client as it arrives; always ends in one record when metered."""
+        """Send upstream's answer to the client as it arrives, and end ``call`` by how that went."""
         status = upstream.status
         meter = (
-            UsageMeter(stream=call.stream and status < 300, content_encoding=upstream.headers.get(_CONTENT_ENCODING))
-            if attempt.metered
+            UsageMeter(
+                stream=exchange.stream and status < 300, content_encoding=upstream.headers.get(_CONTENT_ENCODING)
+            )
+            if attempts.metered
             else None
         )
         call.meter = meter
-        request_id = upstream.headers.get(_REQUEST_ID)
         length = upstream.content_length
         outcome, error_type = ("success" if status < 400 else "error"), None
-        judged = True
         response: StreamResponse
         try:
             if length is not None and length <= _MAX_BUFFERED_BODY:
-                response = await self._relay_whole(call, upstream, meter)
+                response = await self._relay_whole(exchange, upstream, meter)
             else:
-                response = await self._relay_stream(request, call, upstream, meter)
+                response = await self._relay_stream(request, exchange, upstream, meter)
         except _UpstreamBroke as exc:
             outcome, error_type = "error", exc.error_type
             log.warning("upstream answer ended abnormally: %s", exc.error_type)
-            if exc.response is None:
-                timed_out = exc.error_type == "timeout_error"
+            if exc.response is None or not exc.response.head_sent:
+                timed_out = exc.error_type == "timeout_error"  # nothing reached the client yet: a clean answer
                 response = error_response(
                     504 if timed_out else 502,
                     "Anthropic stopped answering in time." if timed_out else "The connection to Anthropic broke.",
                 )
             else:
-                # The client has part of the answer: end it truncated, as a dropped connection from Anthropic would.
-                if request.transport is not None:
-                    request.transport.abort()
-                response = exc.response
+                response = _cut_off(request, exc.response)  # end it truncated, as a dropped connection would
+        except _ClientStalled as exc:
+            outcome = "client_timeout"
+            log.info("client took no bytes for %.0f s; connection closed", self._send_timeout)
+            response = _cut_off(request, exc.response)
         except (asyncio.CancelledError, _ClientGone):
-            outcome, error_type = "client_disconnected", None
+            outcome = "client_disconnected"
             raise
-        except Exception:
+        except BaseException:
             outcome, error_type = "error", "api_error"  # a bug of ours: recorded, never as a success
-            judged = False  # and not held against Anthropic
             raise
         finally:
             upstream.release()  # back to the pool when read to the end, else closed so Anthropic sees the cancel
@@ -437,25 +501,30 @@ class Relay:
                     outcome, error_type = "error", meter.error_type  # `event: error` after the 200
                 elif outcome == "error" and error_type is None:
                     error_type = meter.error_type or error_type_for(status)
-                self._record(call, status=outcome, error_type=error_type, http_status=status, request_id=request_id)
-            if judged and status < 400 and outcome != "client_disconnected":  # else ``_forward`` releases
-                self._settle(attempt, failed=error_type in _UPSTREAM_FAULTS, duration=attempt.headers_wait)
+            if status < 400 and error_type in _UPSTREAM_FAULTS:
+                self._breaker.record_late_failure(attempts.permit)
+            call.end(outcome, error_type)
         return response
 
-    async def _relay_whole(self, call: _Call, upstream: UpstreamResponse, meter: UsageMeter | None) -> StreamResponse:
+    async def _relay_whole(
+        self, exchange: _Exchange, upstream: UpstreamResponse, meter: UsageMeter | None
+    ) -> StreamResponse:
         started = perf_counter()
-        try:
-            if upstream.complete():  # the whole answer came with the headers: no deadline needed
+        if upstream.complete():  # the whole answer came with the headers: no deadline needed
+            body = await upstream.read()
+        else:
+            watchdog = self._watchdogs.watch(self._idle_timeout)
+            try:
                 body = await upstream.read()
-            else:
-                async with asyncio.timeout(self._idle_timeout):
-                    body = await upstream.read()
-        except TimeoutError:
-            raise _UpstreamBroke("timeout_error") from None
-        except ClientError:
-            raise _UpstreamBroke("api_error") from None
-        finally:
-            call.upstream_wait += perf_counter() - started
+            except ClientError:
+                raise _UpstreamBroke("api_error") from None
+            except asyncio.CancelledError:
+                if watchdog.absorb_cancel():
+                    raise _UpstreamBroke("timeout_error") from None
+                raise
+            finally:
+                watchdog.stop()
+                exchange.upstream_wait += perf_counter() - started
         if meter is not None:
             meter.feed(body)
         return Response(
@@ -463,14 +532,16 @@ class Relay:
         )
 
     async def _relay_stream(
-        self, request: Request, call: _Call, upstream: UpstreamResponse, meter: UsageMeter | None
+        self, request: Request, exchange: _Exchange, upstream: UpstreamResponse, meter: UsageMeter | None
     ) -> StreamResponse:
+        """Chunks as they come. Two deadlines, one at a time: upstream's silence (``stream-idle``) while waiting
+        for a chunk, and the client's (``send-timeout``) while it does not take what was sent."""
         response = StreamResponse(status=upstream.status, headers=response_headers(upstream.headers, keep_length=True))
         try:
             await response.prepare(request)
         except ConnectionError:
             raise _ClientGone() from None
-        call.response = response
+        exchange.response = response
         watchdog = self._watchdogs.watch(self._idle_timeout)
         try:
             while True:
@@ -480,23 +551,25 @@ class Relay:
                 except ClientError:
                     raise _UpstreamBroke("api_error", response) from None
                 finally:
-                    call.upstream_wait += perf_counter() - waited_from
+                    exchange.upstream_wait += perf_counter() - waited_from
                 if not chunk:
                     break
                 watchdog.touch()
                 if meter is not None:
                     meter.feed(chunk)
-                    if call.ttft_ms is None and meter.content_started:
-                        call.ttft_ms = int((perf_counter() - call.started) * 1000)
-                try:
-                    await response.write(chunk)
-                except ConnectionError:
-                    raise _ClientGone() from None
+                    if exchange.ttft_ms is None and meter.content_started:
+                        exchange.ttft_ms = int((perf_counter() - exchange.started) * 1000)
+                if response.send(chunk):
+                    watchdog.wait_for_client(self._send_timeout)
+                    await response.drain()
+                    watchdog.touch()
             await response.write_eof()
         except ConnectionError:
             raise _ClientGone() from None
         except asyncio.CancelledError:
             if watchdog.absorb_cancel():
+                if watchdog.on_client:
+                    raise _ClientStalled(response) from None
                 raise _UpstreamBroke("timeout_error", response) from None
             raise
         finally:
@@ -505,71 +578,55 @@ class Relay:
 
     # ------------------------------------------------------------------------------------------- records
 
-    def _record_error_body(self, call: _Call, status: int, body: bytes, headers: Any) -> None:
-        meter = UsageMeter(stream=False, content_encoding=headers.get(_CONTENT_ENCODING))
-        meter.feed(body)
-        meter.finish()
-        call.meter = meter
-        self._record(
-            call,
-            status="error",
-            error_type=meter.error_type or error_type_for(status),
-            http_status=status,
-            request_id=headers.get(_REQUEST_ID),
-        )
-
-    def _record(
-        self, call: _Call, *, status: str, error_type: str | None, http_status: int | None, request_id: str | None
-    ) -> None:
+    def _record(self, exchange: _Exchange, call: _UpstreamCall, status: str, error_type: str | None) -> None:
         meter = call.meter
         now = time.time()
         record = UsageRecord(
-            subject=call.sub or "",
-            model=(meter.model if meter and meter.model else None) or call.model,
+            subject=exchange.sub or "",
+            model=(meter.model if meter and meter.model else None) or exchange.model,
             message_id=meter.message_id if meter else None,
             input_tokens=meter.input_tokens if meter else 0,
             output_tokens=meter.output_tokens if meter else 0,
             cache_creation_tokens=meter.cache_creation_tokens if meter else 0,
             cache_read_tokens=meter.cache_read_tokens if meter else 0,
-            latency_ms=int((perf_counter() - call.started) * 1000),
-            stream=call.stream,
+            latency_ms=int((perf_counter() - exchange.started) * 1000),
+            stream=exchange.stream,
             stop_reason=meter.stop_reason if meter else None,
             status=status,
             error_type=error_type,
-            key_alias=call.key_alias,
-            trace_id=call.trace_id,
-            anthropic_request_id=request_id,
-            http_status=http_status,
-            time_to_first_token_ms=call.ttft_ms,
+            key_alias=exchange.key_alias,
+            trace_id=exchange.trace_id,
+            anthropic_request_id=call.request_id,
+            http_status=call.http_status,
+            time_to_first_token_ms=exchange.ttft_ms,
             cache_creation_5m_tokens=meter.cache_creation_5m_tokens if meter else None,
             cache_creation_1h_tokens=meter.cache_creation_1h_tokens if meter else None,
             web_search_requests=meter.web_search_requests if meter else None,
             web_fetch_requests=meter.web_fetch_requests if meter else None,
             service_tier=meter.service_tier if meter else None,
-            claude_code_session_id=call.session_id,
+            claude_code_session_id=exchange.session_id,
             event_id="",  # the outbox gives it an id, in batches, as it stores it (stable from then on)
             time=rfc3339_millis(now),
         )
-        call.records.append(record)
-        call.meter = None
-        self._telemetry.finish_call(call.server_span, call.client_span, record=record, sub=call.sub)
+        exchange.records.append(record)
+        self._telemetry.finish_call(exchange.server_span, exchange.client_span, record=record, sub=exchange.sub)
 
-    def _log_access(self, request: Request, call: _Call, duration: float, overhead: float) -> None:
+    def _log_access(self, request: Request, exchange: _Exchange, duration: float, overhead: float) -> None:
         fields: dict[str, Any] = {
             "method": request.method,
             "path": request.path,
-            "status": call.status,
+            "status": exchange.status,
             "latency_ms": round(duration * 1000, 3),
             "overhead_ms": round(overhead * 1000, 3),
-            "trace_id": call.trace_id,
-            "span_id": call.span_id,
-            "sub": call.sub,
-            "key_alias": call.key_alias,
-            "model": call.model,
-            "stream": call.stream,
+            "trace_id": exchange.trace_id,
+            "span_id": exchange.span_id,
+            "sub": exchange.sub,
+            "key_alias": exchange.key_alias,
+            "model": exchange.model,
+            "stream": exchange.stream,
         }
-        if call.records:
-            record = call.records[-1]
+        if exchange.records:
+            record = exchange.records[-1]
             fields["input_tokens"] = record.input_tokens
             fields["output_tokens"] = record.output_tokens
             fields["cache_creation_tokens"] = record.cache_creation_tokens
@@ -577,6 +634,14 @@ class Relay:
             fields["stop_reason"] = record.stop_reason
             fields["usage_status"] = record.status
         access_line(fields)
+
+
+def _cut_off(request: Request, response: StreamResponse) -> StreamResponse:
+    """End an answer the client has part of by closing its connection: no well-framed end may suggest it is whole."""
+    if request.transport is not None:
+        request.transport.abort()
+    response.eof = True
+    return response
 
 
 class _UpstreamBroke(Exception):
@@ -626,9 +691,10 @@ class _Watchdogs:
 
 
 class _IdleWatchdog:
-    """Cancels its task when no chunk arrived for ``timeout`` seconds; ``touch`` only stores a number."""
+    """Cancels its task when its deadline passes: ``timeout`` after the last ``touch`` (upstream's silence), or
+    after ``wait_for_client`` (the client's). Moving the deadline only stores a number."""
 
-    __slots__ = ("_loop", "_owner", "_task", "_timeout", "due", "fired")
+    __slots__ = ("_loop", "_owner", "_task", "_timeout", "due", "fired", "on_client")
 
     def __init__(self, owner: _Watchdogs, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
         self._owner = owner
@@ -637,9 +703,15 @@ class _IdleWatchdog:
         self._timeout = timeout
         self.due = loop.time() + timeout
         self.fired = False
+        self.on_client = False  # whether the deadline running is the client's
 
     def touch(self) -> None:
         self.due = self._loop.time() + self._timeout
+        self.on_client = False
+
+    def wait_for_client(self, timeout: float) -> None:
+        self.due = self._loop.time() + timeout
+        self.on_client = True
 
     def fire(self) -> None:
         self.fired = True

@@ -114,6 +114,9 @@ class LimitsSettings(_Section):
     max_header_size: Size = 64 * 1024
     header_timeout: Duration = 10.0  # a request whose headers have not all arrived by then: 408 / closed
     body_timeout: Duration = 60.0  # a body that stops arriving: 408
+    # A client that takes no bytes of a streamed answer for this long is cut off (usage status client_timeout);
+    # distinct from upstream's silence (anthropic.api.timeouts.stream-idle), which is Anthropic's fault.
+    send_timeout: Duration = 120.0
     keep_alive_timeout: Duration = 75.0
 
 
@@ -210,11 +213,12 @@ class TimeoutSettings(_Section):
 class KeyHealthSettings(_Section):
     rate_limit_cooldown: Duration = 30.0  # when a 429 carries no retry-after
     max_cooldown: Duration = 3600.0
-    quarantine: Duration = 3600.0  # after a 401/403 from upstream
+    quarantine: Duration = 3600.0  # longest rest of a key Anthropic rejected (401), between background probes
+    probe_interval: Duration = 30.0  # first re-probe of a quarantined key after the immediate one; doubles
 
 
 class RetrySettings(_Section):
-    key_attempts: int = Field(2, ge=1, le=10)  # attempts across keys on 429/401/403 before the first byte
+    key_attempts: int = Field(2, ge=1, le=10)  # attempts across keys on 429/401 before the first byte
     connect_attempts: int = Field(2, ge=1, le=10)  # attempts on a connection failure
 
 

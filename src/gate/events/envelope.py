@@ -4,6 +4,10 @@ Each event is built as the official SDK's ``cloudevents.core.v1.event.CloudEvent
 attribute against the v1.0 spec (about 3.5 us), and then written by orjson: the SDK's own JSON writer costs
 about 18 us and renders ``time`` with microseconds where consumers of the original service expect
 milliseconds. The tests parse every wire form back with the SDK to keep the two in agreement.
+
+Every string of the record (``model``, ``subject``, ``anthropic_request_id``, ``claude_code_session_id``, ...) is
+cut to ``gate.ops.bounds.MAX_FIELD_CHARS`` here, where records become events: a client or an upstream chooses
+them, and an unbounded one once made an event no broker would take.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from cloudevents.core.exceptions import CloudEventValidationError
 from cloudevents.core.v1.event import CloudEvent
 
 from gate.accounting.usage import UsageRecord
+from gate.ops.bounds import MAX_FIELD_CHARS, bounded
 
 __all__ = [
     "DATA_CONTENT_TYPE",
@@ -117,6 +122,9 @@ def build_event(
     for name in _OPTIONAL_IN_ORDER:
         if data[name] is None:
             del data[name]
+    for name, value in data.items():
+        if type(value) is str and len(value) > MAX_FIELD_CHARS:
+            data[name] = bounded(value)
     stamp = record.time or rfc3339_millis(time.time() if at is None else at)
     attributes: dict[str, Any] = {
         "specversion": SPECVERSION,
@@ -125,7 +133,7 @@ def build_event(
         "source": source,
     }
     if record.subject:  # the spec forbids an empty subject; a JWT always has one
-        attributes["subject"] = record.subject
+        attributes["subject"] = bounded(record.subject)
     try:
         attributes["time"] = datetime.datetime.fromisoformat(stamp)
     except ValueError:
@@ -159,8 +167,13 @@ class BinaryEvent:
 
 
 def to_binary(event_json: bytes) -> BinaryEvent:
-    """Split a stored structured event into binary-mode parts (attribute values in canonical string form)."""
+    """Split a stored structured event into binary-mode parts (attribute values in canonical string form).
+
+    ValueError when ``event_json`` is not a structured event (a damaged row: no retry can send it).
+    """
     event = orjson.loads(event_json)
+    if not isinstance(event, dict) or "data" not in event:
+        raise ValueError("the stored usage event is not a structured CloudEvent")
     data = event.pop("data")
     content_type = event.pop("datacontenttype", DATA_CONTENT_TYPE)
     return BinaryEvent(

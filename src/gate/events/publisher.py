@@ -4,6 +4,11 @@
 to the outbox every ``usage.outbox.commit-interval`` (so a SIGKILL loses at most that much). A delivery task
 sends committed events to the sink in batches and deletes them only once the broker has confirmed them,
 retrying with exponential backoff and jitter for as long as the broker is away.
+
+An event the sink refuses (``SendResult.refused``: too large, invalid) is held out of the batches and tried
+alone; once the destination has confirmed another event since that refusal, so that the fault is the event's
+and not the destination's (a malformed Pub/Sub topic is refused for every event), a refused event is set aside
+in the outbox's dead-letter table, counted, shown in health and metrics, and never retried.
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ log = logging.getLogger("gate.events")
 _T = TypeVar("_T")
 _IDLE_CHECK = 1.0  # an idle delivery task looks for a lost connection or stray rows this often
 _LOG_EVERY = 10.0  # repeated warnings about the same trouble are logged at most this often
+# Refused events held out of the batches at once; more refusals than this (a destination refusing everything)
+# wait in the outbox as in an outage.
+_MAX_SUSPECTS = 64
+_MAX_REASON = 1000  # characters of a refusal's reason kept with a dead letter
 
 
 def make_sink(settings: UsageSettings) -> Sink:
@@ -77,8 +86,9 @@ class UsageEvents:
     """The usage-events room as the app and the relay see it (``usage.publisher: none`` makes it a no-op).
 
     Read by metrics callbacks: ``depth``, ``oldest_age_seconds``, ``published_total``,
-    ``publish_failures_total`` (events per failed attempt), ``dropped_total`` and
-    ``last_delivery_lag_seconds`` (age of the newest event of the last confirmed batch, at confirmation).
+    ``publish_failures_total`` (events per failed attempt), ``dropped_total``, ``dead_letters`` (events set
+    aside) and ``last_delivery_lag_seconds`` (age of the newest event of the last confirmed batch, at
+    confirmation).
     """
 
     def __init__(self, settings: UsageSettings, *, sink: Sink | None = None) -> None:
@@ -109,6 +119,9 @@ class UsageEvents:
         self._refused = 0
         self._refusal_logged_at = -math.inf
         self._unencodable = 0
+        # seq -> (why the sink refused it, published_total before that send): held out of the batches
+        self._suspects: dict[int, tuple[str, int]] = {}
+        self._last_dead_letter: str | None = None
         self.published_total = 0
         self.publish_failures_total = 0
         self.last_delivery_lag_seconds: float | None = None
@@ -136,6 +149,11 @@ class UsageEvents:
         return self._refused + self._unencodable
 
     @property
+    def dead_letters(self) -> int:
+        """Events a sink refused for good, kept in the outbox's dead-letter table (0 before start)."""
+        return 0 if self._outbox is None else self._outbox.dead_letters
+
+    @property
     def outbox_commits_total(self) -> int:
         """Outbox transactions so far: the writer batches, so this grows far slower than events."""
         return 0 if self._outbox is None else self._outbox.commits
@@ -154,6 +172,8 @@ class UsageEvents:
                 "oldestUndeliveredAgeSeconds": None if age is None else round(age, 3),
                 "alarm": alarm,
                 "dropped": self.dropped_total,
+                "deadLetters": self.dead_letters,
+                "lastDeadLetter": self._last_dead_letter,
                 "lastError": self._writer_error or self._last_error,
             },
         }
@@ -193,8 +213,21 @@ class UsageEvents:
         except OutboxError:
             self._db.shutdown(wait=False)
             raise
+        for adopted in await self._loop.run_in_executor(self._db, self._outbox.adopt_orphans):
+            log.warning(
+                "adopted %d undelivered usage events (and %d set aside) from %s, left by a process that is gone",
+                adopted.pending,
+                adopted.dead_letters,
+                adopted.path,
+            )
         if self._outbox.depth:
             log.info("%d undelivered usage events in %s: delivering", self._outbox.depth, self._outbox.path)
+        if self._outbox.dead_letters:
+            log.warning(
+                "%d usage events in the dead-letter table of %s (refused by the destination for good)",
+                self._outbox.dead_letters,
+                self._outbox.path,
+            )
         if self._sink is None:
             self._sink = make_sink(self._settings)
         self._writer = threading.Thread(target=self._write_loop, name="gate-outbox-writer", daemon=True)
@@ -216,6 +249,12 @@ class UsageEvents:
         assert self._writer is not None and self._delivery is not None and self._outbox is not None
         self._stop_writer.set()
         await asyncio.to_thread(self._writer.join, max(deadline - loop.time(), 1.0))
+        if self._writer.is_alive():
+            log.warning(
+                "%d usage events are still being committed to %s; waiting for that before exit",
+                self._in_memory(),
+                self._outbox.path,
+            )
         self._draining = True
         self._wakeup.set()
         with contextlib.suppress(TimeoutError):
@@ -225,13 +264,26 @@ class UsageEvents:
         self._delivery.cancel()
         await asyncio.wait({self._delivery}, timeout=5.0)  # the loop also checks _stopping after each step
         await self._close_sink(max(deadline - loop.time(), 1.0))
+        # Never close the outbox under the writer: its last commit ends by itself (SQLite gives up waiting for a
+        # lock after 30 s), and until then the rows it holds can still reach the disk.
+        await asyncio.to_thread(self._writer.join)
         outbox = self._outbox
-        left = self.depth
+        kept, lost = outbox.depth, self._in_memory()
         await self._in_db(outbox.close)
         assert self._db is not None
         self._db.shutdown(wait=False)
-        if left:
-            log.warning("%d usage events stay in %s, to be delivered after the next start", left, outbox.path)
+        if kept:
+            log.warning("%d usage events stay in %s, to be delivered after the next start", kept, outbox.path)
+        if lost:
+            log.error(
+                "%d usage events lost: the outbox %s did not take them before exit (%s)",
+                lost,
+                outbox.path,
+                self._writer_error or "no error reported",
+            )
+
+    def _in_memory(self) -> int:
+        return len(self._buffer) + len(self._unwritten)
 
     async def _close_sink(self, budget: float) -> None:
         assert self._sink is not None
@@ -300,24 +352,38 @@ class UsageEvents:
         while not self._stopping:
             self._wakeup.clear()
             try:
-                batch = await self._in_db(outbox.pending, batch_size)
-                if not batch:
-                    if self._draining:
-                        self._drained.set()
-                    await self._idle(sink, backoff)
-                    continue
-                result = await sink.send(batch)
-                if result.delivered:
-                    await self._in_db(outbox.remove, result.delivered)
-                    self._count_delivered(batch, result)
-                if result.error is None:
+                batch = await self._in_db(outbox.pending, batch_size, tuple(self._suspects))
+                outage: str | None = None  # the destination is away: back off
+                refusal: str | None = None  # events refused, not yet known to be at fault: wait for proof
+                failed = 0
+                if batch:
+                    confirmed_before = self.published_total
+                    result = await sink.send(batch)
+                    if result.delivered:
+                        await self._in_db(outbox.remove, result.delivered)
+                        self._count_delivered(batch, result)
+                    outage = result.error
+                    refusal = self._suspect(result.refused, confirmed_before)
+                    failed = len(batch) - len(result.delivered)
+                elif self._draining:
+                    self._drained.set()  # anything left is held out as refused: it will not go now
+                if self._suspects and outage is None:
+                    outage, unproven = await self._try_suspects(sink, outbox)
+                    refusal = refusal or unproven
+                if outage is None and refusal is None:
                     if self._last_error is not None:
                         log.info("usage events reach %s again", sink.name)
                         self._last_error = None
                     backoff.reset()
+                    if not batch:
+                        await self._idle(sink, backoff)
                     continue
-                self.publish_failures_total += len(batch) - len(result.delivered)
-                self._note_error(result.error)
+                self.publish_failures_total += failed
+                self._note_error(outage or refusal or "")
+                if outage is None and not batch:
+                    # Only held-out events are left: new events (the proof needed) wake this up early.
+                    await self._idle(sink, backoff, wait=backoff.next())
+                    continue
             except OutboxError as exc:
                 self._note_error(str(exc))
             except Exception as exc:  # a bug must not stop delivery for good: log it, back off, go on
@@ -325,14 +391,68 @@ class UsageEvents:
                 self._note_error(f"{type(exc).__name__}: unexpected failure in usage delivery")
             await asyncio.sleep(backoff.next())
 
+    def _suspect(self, refused: dict[int, str], confirmed_before: int) -> str | None:
+        """Hold refused events out of the batches; the refusal left over when too many are held already."""
+        overflow: str | None = None
+        for seq, reason in refused.items():
+            if seq in self._suspects or len(self._suspects) < _MAX_SUSPECTS:
+                self._suspects.setdefault(seq, (reason, confirmed_before))
+            else:
+                overflow = overflow or reason
+        return overflow
+
+    async def _try_suspects(self, sink: Sink, outbox: Outbox) -> tuple[str | None, str | None]:
+        """Send each held-out event alone: delivered, set aside (refused while the sink took others), or kept.
+
+        Returns (an outage that stopped the round, a refusal not yet told apart from the destination's fault).
+        """
+        events = await self._in_db(outbox.fetch, tuple(self._suspects))
+        present = {event.seq for event in events}
+        for seq in [seq for seq in self._suspects if seq not in present]:
+            del self._suspects[seq]  # no longer pending (removed or set aside meanwhile)
+        unproven: str | None = None
+        for event in events:
+            result = await sink.send([event])
+            if result.delivered:
+                await self._in_db(outbox.remove, result.delivered)
+                self._count_delivered([event], result)
+                del self._suspects[event.seq]
+            elif event.seq in result.refused:
+                reason = result.refused[event.seq]
+                confirmed_before = self._suspects[event.seq][1]
+                if self.published_total > confirmed_before:  # others got through since: the fault is this one's
+                    await self._set_aside(sink, outbox, event, reason)
+                else:
+                    unproven = unproven or reason
+            else:
+                return result.error or f"{sink.name}: no answer", unproven
+            if self._stopping:
+                break
+        return None, unproven
+
+    async def _set_aside(self, sink: Sink, outbox: Outbox, event: PendingEvent, reason: str) -> None:
+        reason = reason[:_MAX_REASON]
+        await self._in_db(outbox.set_aside, event.seq, sink.name, reason)
+        del self._suspects[event.seq]
+        self._last_dead_letter = f"{event.event_id}: {reason}"
+        log.error(
+            "usage event %s (%d bytes) set aside in the dead-letter table of %s: %s refuses it for good (%s); "
+            "%d set aside in all",
+            event.event_id,
+            len(event.body),
+            outbox.path,
+            sink.name,
+            reason,
+            outbox.dead_letters,
+        )
+
     def _count_delivered(self, batch: list[PendingEvent], result: SendResult) -> None:
         delivered = set(result.delivered)
         self.published_total += len(delivered)
         newest = max(event.created for event in batch if event.seq in delivered)
         self.last_delivery_lag_seconds = max(time.time() - newest, 0.0)
 
-    async def _idle(self, sink: Sink, backoff: _Backoff) -> None:
-        wait = _IDLE_CHECK
+    async def _idle(self, sink: Sink, backoff: _Backoff, wait: float = _IDLE_CHECK) -> None:
         if not sink.connected and not self._draining:
             try:
                 await sink.connect()

@@ -9,6 +9,11 @@ Content modes follow the CloudEvents Pub/Sub Protocol Binding (cloudevents/spec,
 
 The client library is synchronous and thread based: publishing runs in a worker thread and its futures are
 awaited with ``asyncio.wrap_future``, so the event loop never waits on gRPC.
+
+A message the client will not send (``MessageTooLargeError``: over Pub/Sub's 10 MB request limit; a value it
+cannot encode) or that the server answers ``InvalidArgument`` is refused, not an outage: retrying it would fail
+the same way. (An ``InvalidArgument`` may also be the whole request's, e.g. a malformed topic name; the
+publisher only sets an event aside when it is refused alone while other events get through.)
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ _TRANSIENT = if_exception_type(
     api_exceptions.Unknown,
     api_exceptions.Cancelled,
 )
+# What says "this message", not "Pub/Sub now": raised by publish() before sending, or the server's 400.
+_REFUSALS = (ValueError, TypeError, api_exceptions.InvalidArgument)
 
 
 class PubSubSink:
@@ -92,10 +99,12 @@ class PubSubSink:
             future.cancel()
         result = SendResult()
         for future, seq in waiting.items():
-            if future in done and not future.cancelled() and future.exception() is None:
+            error = future.exception() if future in done and not future.cancelled() else None
+            if future in done and not future.cancelled() and error is None:
                 result.delivered.append(seq)
+            elif isinstance(error, _REFUSALS):
+                result.refuse(seq, f"Pub/Sub: {describe_error(error)}")
             elif result.error is None:
-                error = future.exception() if future in done and not future.cancelled() else None
                 result.error = "Pub/Sub: " + (describe_error(error) if error else "no answer from Pub/Sub")
         self._connected = result.error is None or bool(result.delivered)
         return result
@@ -130,17 +139,17 @@ class PubSubSink:
         client, topic = self._client, self._topic
         futures: list[concurrent.futures.Future[str]] = []
         for event in events:
-            if self._binary:
-                binary = to_binary(event.body)
-                attributes = {f"{PUBSUB_ATTRIBUTE_PREFIX}{k}": v for k, v in binary.attributes.items()}
-                attributes[CONTENT_TYPE_ATTRIBUTE] = binary.content_type
-                data = binary.data
-            else:
-                attributes = {CONTENT_TYPE_ATTRIBUTE: STRUCTURED_CONTENT_TYPE}
-                data = event.body
             try:
+                if self._binary:
+                    binary = to_binary(event.body)  # a stored body that is not JSON raises ValueError
+                    attributes = {f"{PUBSUB_ATTRIBUTE_PREFIX}{k}": v for k, v in binary.attributes.items()}
+                    attributes[CONTENT_TYPE_ATTRIBUTE] = binary.content_type
+                    data = binary.data
+                else:
+                    attributes = {CONTENT_TYPE_ATTRIBUTE: STRUCTURED_CONTENT_TYPE}
+                    data = event.body
                 future = client.publish(topic, data, retry=self._retry, timeout=self._timeout, **attributes)
-            except (*_ERRORS, ValueError, RuntimeError) as exc:  # refused before sending: a failure too
+            except (*_ERRORS, *_REFUSALS, RuntimeError) as exc:  # refused before sending: a failure too
                 future = concurrent.futures.Future()
                 future.set_exception(exc)
             futures.append(future)

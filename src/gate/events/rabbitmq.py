@@ -14,6 +14,13 @@ follow the CloudEvents spec's own AMQP binding, whose ``from_binary`` in the SDK
 Every message carries ``message_id`` = the event id and ``delivery_mode`` 2. A message the broker cannot route
 (no queue bound for the routing key) comes back and counts as undelivered, so it stays in the outbox.
 
+Refused, not an outage (retrying would fail the same way): a message whose properties cannot be encoded or do
+not fit one frame (``frame_max``, 128 KB by default: in binary mode every attribute is a header; checked here
+before sending, since the broker answers it by closing the whole connection with ``FRAME_ERROR``), and a
+message the broker closes the channel or connection over for its own sake (``FRAME_ERROR``; 406 "message size
+... larger than configured max size"). Such a close fails every message still waiting for its confirm: the
+publisher tries each alone to find the one at fault.
+
 The client is aiormq, the protocol layer under aio-pika (same maintainers): measured per confirmed message on
 one core (``benchmarks/micro/amqp_publish.py``), aio-pika's Exchange/Message wrappers added about half again to
 aiormq's own cost, and nothing here needs them.
@@ -28,9 +35,11 @@ from typing import cast
 
 import aiormq
 import pamqp.exceptions
-from aiormq.abc import AbstractChannel, AbstractConnection
-from aiormq.exceptions import AMQPError, DeliveryError, PublishError
+from aiormq.abc import AbstractChannel, AbstractConnection, ConfirmationFrameType
+from aiormq.exceptions import AMQPError, ChannelPreconditionFailed, ConnectionFrameError, DeliveryError, PublishError
 from pamqp import commands as spec
+from pamqp import frame as amqp_frame
+from pamqp import header as amqp_header
 from yarl import URL
 
 from gate.events.envelope import STRUCTURED_CONTENT_TYPE, to_binary
@@ -52,6 +61,8 @@ _ERRORS = (
     TimeoutError,
 )
 _PERSISTENT = 2
+_FRAME_OVERHEAD = 1024  # a header frame is at most this much bigger than the attributes it carries
+_TOO_LARGE = "larger than configured max size"  # RabbitMQ's 406 text for a message over max_message_size
 
 
 class RabbitMQSink:
@@ -103,30 +114,37 @@ class RabbitMQSink:
             return SendResult(error=str(exc))
         channel = cast(aiormq.Channel, self._channel)  # basic_publish(wait=...) is on the concrete class
         assert channel is not None
-        publishes = [
-            asyncio.ensure_future(
-                channel.basic_publish(
-                    body,
-                    exchange=self._exchange_name,
-                    routing_key=self._routing_key,
-                    properties=properties,
-                    mandatory=True,
-                    wait=False,  # the confirm is what counts; waiting for each frame's drain adds nothing
-                )
-            )
-            for body, properties in map(self._message, events)
-        ]
-        # One deadline for the whole batch's confirms (not a timer per message).
-        _, late = await asyncio.wait(publishes, timeout=self._timeout)
-        for publish in late:
-            publish.cancel()
-        if late:
-            await asyncio.wait(late)  # let the cancellations land before reading outcomes
         result = SendResult()
-        for event, publish in zip(events, publishes, strict=True):
+        publishes: list[tuple[PendingEvent, asyncio.Future[ConfirmationFrameType | None]]] = []
+        for event in events:
+            try:
+                body, properties = self._message(event)
+            except (ValueError, TypeError, pamqp.exceptions.PAMQPException) as exc:
+                result.refuse(event.seq, f"RabbitMQ: cannot encode the message: {describe_error(exc)}")
+                continue
+            confirm = channel.basic_publish(
+                body,
+                exchange=self._exchange_name,
+                routing_key=self._routing_key,
+                properties=properties,
+                mandatory=True,
+                wait=False,  # the confirm is what counts; waiting for each frame's drain adds nothing
+            )
+            publishes.append((event, asyncio.ensure_future(confirm)))
+        if publishes:
+            # One deadline for the whole batch's confirms (not a timer per message).
+            _, late = await asyncio.wait([publish for _, publish in publishes], timeout=self._timeout)
+            for publish in late:
+                publish.cancel()
+            if late:
+                await asyncio.wait(late)  # let the cancellations land before reading outcomes
+        for event, publish in publishes:
             if publish.cancelled():
                 error: str | None = self._describe(TimeoutError())
             elif (failure := publish.exception()) is not None:
+                if _is_refusal(failure):
+                    result.refuse(event.seq, f"RabbitMQ: {self._describe(failure)}")
+                    continue
                 error = self._describe(failure)
             elif not isinstance(publish.result(), spec.Basic.Ack):
                 error = "the broker refused the message (nack)"
@@ -135,7 +153,7 @@ class RabbitMQSink:
                 continue
             if result.error is None:
                 result.error = f"RabbitMQ: {error}"
-        if result.error is not None and not self.connected:
+        if (result.error is not None or result.refused) and not self.connected:
             await self._drop()
         return result
 
@@ -143,17 +161,32 @@ class RabbitMQSink:
         await self._drop()
 
     def _message(self, event: PendingEvent) -> tuple[bytes, spec.Basic.Properties]:
+        """The body and properties, or ValueError/TypeError when they cannot be sent (nothing was sent)."""
         if not self._binary:
             return event.body, spec.Basic.Properties(
                 content_type=STRUCTURED_CONTENT_TYPE, delivery_mode=_PERSISTENT, message_id=event.event_id
             )
         binary = to_binary(event.body)
-        return binary.data, spec.Basic.Properties(
+        properties = spec.Basic.Properties(
             headers={f"{AMQP_ATTRIBUTE_PREFIX}{name}": value for name, value in binary.attributes.items()},
             content_type=binary.content_type,
             delivery_mode=_PERSISTENT,
             message_id=event.event_id,
         )
+        # The headers come from the event, so only an event near frame_max can make a header frame over it;
+        # the broker would close the connection (every unconfirmed message with it) rather than refuse one.
+        frame_max = self._frame_max()
+        if frame_max and len(event.body) + _FRAME_OVERHEAD > frame_max:
+            size = len(amqp_frame.marshal(amqp_header.ContentHeader(0, len(binary.data), properties), 1))
+            if size > frame_max:
+                raise ValueError(
+                    f"its attributes make a {size}-byte AMQP header frame, over the broker's frame_max {frame_max}"
+                )
+        return binary.data, properties
+
+    def _frame_max(self) -> int:
+        tune = getattr(self._connection, "connection_tune", None)
+        return int(getattr(tune, "frame_max", 0) or 0)
 
     async def _drop(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
@@ -163,6 +196,10 @@ class RabbitMQSink:
                     await connection.close()
 
     def _describe(self, exc: BaseException) -> str:
+        if isinstance(exc, ConnectionFrameError | ChannelPreconditionFailed):
+            return f"the broker closed the {'connection' if isinstance(exc, ConnectionFrameError) else 'channel'}: " + (
+                describe_error(exc, *self._secrets)
+            )
         if isinstance(exc, TimeoutError):
             return f"no answer within {self._timeout:g}s"
         if isinstance(exc, PublishError):  # its own text carries the whole message
@@ -173,3 +210,12 @@ class RabbitMQSink:
         if isinstance(exc, DeliveryError):
             return "the broker refused the message (nack)"
         return describe_error(exc, *self._secrets)
+
+
+def _is_refusal(exc: BaseException) -> bool:
+    """The broker closed the connection or channel over a message itself, or it could not be encoded."""
+    if isinstance(exc, ConnectionFrameError):  # a frame the broker cannot take: frame_too_large, for one
+        return True
+    if isinstance(exc, ChannelPreconditionFailed):
+        return _TOO_LARGE in str(exc)
+    return isinstance(exc, ValueError | TypeError)  # pamqp could not encode it

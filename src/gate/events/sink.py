@@ -14,10 +14,20 @@ __all__ = ["SendResult", "Sink", "SinkUnavailable", "describe_error"]
 
 @dataclass(slots=True)
 class SendResult:
-    """Which events of a batch the destination confirmed (by outbox ``seq``), and why the rest were not."""
+    """Which events of a batch the destination confirmed (by outbox ``seq``), and why the rest were not.
+
+    ``error`` is a transient failure (an outage: the events are retried as they are). ``refused`` names the
+    events that failed for a reason that may be the event's own (too large, invalid) and would fail again
+    however often they are retried; the publisher then tries each alone, and sets aside one that the
+    destination still refuses while it takes others.
+    """
 
     delivered: list[int] = field(default_factory=list)
     error: str | None = None
+    refused: dict[int, str] = field(default_factory=dict)
+
+    def refuse(self, seq: int, reason: str) -> None:
+        self.refused[seq] = reason
 
 
 class SinkUnavailable(Exception):
@@ -36,7 +46,8 @@ class Sink(Protocol):
         """Connect (or check) now; raise :class:`SinkUnavailable` when the destination is unreachable."""
 
     async def send(self, events: Sequence[PendingEvent]) -> SendResult:
-        """Deliver a batch and wait for the destination's confirmation of each event."""
+        """Deliver a batch and wait for the destination's confirmation of each event; tell an outage
+        (``error``) from a refusal that retrying cannot cure (``refused``)."""
 
     async def close(self) -> None: ...
 

@@ -186,13 +186,27 @@ def _header_items(headers: Mapping[str, str] | Iterable[tuple[str, str]] | None)
 
 
 class StreamResponse:
-    """A response written as it goes: ``prepare`` sends the head, ``write`` each chunk, ``write_eof`` the end.
+    """A response written as it goes: ``prepare`` fixes status and headers, ``write`` sends each chunk (the head
+    with the first), ``write_eof`` the end.
 
-    Without a ``content_length`` the body is sent chunked (HTTP/1.1) or delimited by closing (HTTP/1.0).
-    ``write`` waits while the client's socket buffer is full, and raises ``ConnectionResetError`` once it is gone.
+    Nothing reaches the client before the first ``write`` (or ``write_eof``): until then (``head_sent`` False) a
+    handler may still drop this response and answer with another, say a clean 502 when upstream broke before its
+    first byte. Without a ``content_length`` the body is sent chunked (HTTP/1.1) or delimited by closing
+    (HTTP/1.0). ``write`` waits while the client's socket buffer is full (``send`` + ``drain`` split the two), and
+    raises ``ConnectionResetError`` once it is gone.
     """
 
-    __slots__ = ("_chunked", "_conn", "_head", "_head_only", "content_length", "eof", "headers", "prepared", "status")
+    __slots__ = (
+        "_chunked",
+        "_conn",
+        "_head_only",
+        "_request",
+        "content_length",
+        "eof",
+        "headers",
+        "prepared",
+        "status",
+    )
 
     def __init__(
         self, *, status: int = 200, headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None
@@ -205,7 +219,12 @@ class StreamResponse:
         self._conn: _Connection | None = None
         self._chunked = False
         self._head_only = False
-        self._head = b""  # the head, sent with the first chunk (one write instead of two, as aiohttp does)
+        self._request: Request | None = None  # set from ``prepare`` until the head goes out with the first bytes
+
+    @property
+    def head_sent(self) -> bool:
+        """Whether the client has (been sent) the status line: from then on no other answer is possible."""
+        return self.prepared and self._request is None
 
     async def prepare(self, request: Request) -> None:
         conn = request._conn
@@ -217,28 +236,41 @@ class StreamResponse:
             given = self.headers.get(_CONTENT_LENGTH)
             if given is not None and given.isdigit():
                 self.content_length = int(given)
-        length = self.content_length
-        if length is None and self.status not in _NO_BODY_STATUSES and not self._head_only:
-            if request.version == "1.1":
-                self._chunked = True
-            else:
-                conn.must_close = True
+        if self.content_length is None and self.status not in _NO_BODY_STATUSES and not self._head_only:
+            self._chunked = request.version == "1.1"  # else delimited by closing: the head says so
         self.prepared = True
-        self._head = conn.head(request, self.status, self.headers, length, chunked=self._chunked)
+        self._request = request
 
-    async def write(self, data: bytes) -> None:
+    def _take_head(self, conn: _Connection) -> bytes:
+        request, self._request = self._request, None
+        if request is None:
+            return b""
+        return conn.head(request, self.status, self.headers, self.content_length, chunked=self._chunked)
+
+    def send(self, data: bytes) -> bool:
+        """Write ``data`` without waiting; True when the client is not keeping up (``drain`` before more)."""
         conn = self._conn
         if conn is None or conn.transport is None:
             raise ConnectionResetError("the client went away")
         if not data or self._head_only:
-            return
-        head, self._head = self._head, b""
+            return False
+        head = self._take_head(conn)
         if self._chunked:
             conn.write(b"%b%x\r\n%b\r\n" % (head, len(data), data))
         else:
             conn.write(head + data if head else data)
-        if conn.write_paused:
-            await conn.drain()
+        return conn.write_paused
+
+    async def drain(self) -> None:
+        """Wait until the client has taken what was sent (ConnectionResetError once it is gone)."""
+        conn = self._conn
+        if conn is None:
+            raise ConnectionResetError("the client went away")
+        await conn.drain()
+
+    async def write(self, data: bytes) -> None:
+        if self.send(data):
+            await self.drain()
 
     async def write_eof(self) -> None:
         if self.eof:
@@ -247,7 +279,7 @@ class StreamResponse:
         conn = self._conn
         if conn is None or conn.transport is None:
             raise ConnectionResetError("the client went away")
-        head, self._head = self._head, b""
+        head = self._take_head(conn)
         if self._chunked:
             conn.write(head + b"0\r\n\r\n")
         elif head:
@@ -556,6 +588,9 @@ class _Connection(asyncio.Protocol):
     ) -> bytes:
         """Status line and headers, with framing, ``Date``, and ``Connection: close`` on a last answer."""
         self._head_sent = True
+        head_only = request is not None and request.method == "HEAD"
+        if length is None and not chunked and status not in _NO_BODY_STATUSES and not head_only:
+            self.must_close = True  # an HTTP/1.0 body without a length ends when the connection does
         lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"]
         for name, value in headers.items():
             if "\n" in value or "\r" in value or "\n" in name or "\r" in name:

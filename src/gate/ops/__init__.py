@@ -4,4 +4,5 @@
 - ``gate.ops.telemetry``: ``Telemetry`` (OpenTelemetry traces and metrics, the Prometheus scrape).
 - ``gate.ops.logs``: structured logs, redaction of credentials, the access line.
 - ``gate.ops.errors``: Gate's own error answers in Anthropic's shape.
+- ``gate.ops.bounds``: ``bounded`` (the length limit on request-derived text in logs, events and spans).
 """

@@ -18,6 +18,8 @@ from typing import IO, Any, Final, Literal
 import orjson
 from opentelemetry import trace
 
+from gate.ops.bounds import MAX_FIELD_CHARS, bounded
+
 __all__ = [
     "ACCESS_LOGGER",
     "ConsoleFormatter",
@@ -228,15 +230,20 @@ class _AccessWriter:
         self._scheduled = False
         self._lock = threading.Lock()  # several loops (tests, in threads) may share one process's stdout
 
-    def write(self, message: str, fields: dict[str, Any]) -> None:
+    def write(self, fields: dict[str, Any]) -> None:
         document: dict[str, Any] = {
             "time": self._clock.format(time.time()),
             "level": "INFO",
             "logger": _ACCESS_NAME,
-            "message": message,
+            "message": _access_message(fields),
             **fields,
         }
-        line = redact(orjson.dumps(document, default=str).decode())
+        text = orjson.dumps(document, default=str)
+        if len(text) > _LONG_ACCESS_LINE:  # a string a client or an upstream chose is too long: cut, then redo
+            _bound_strings(fields)
+            document.update(fields, message=_access_message(fields))
+            text = orjson.dumps(document, default=str)
+        line = redact(text.decode())
         with self._lock:
             self._pending.append(line)
             if len(self._pending) >= self._MAX_PENDING:
@@ -295,6 +302,20 @@ def configure_logging(
     return handler
 
 
+# An access line this long carries a string over MAX_FIELD_CHARS, or nearly: only then are its strings looked at.
+_LONG_ACCESS_LINE: Final = 2 * MAX_FIELD_CHARS + 1024
+
+
+def _access_message(fields: dict[str, Any]) -> str:
+    return f"{fields['method']} {fields['path']} {fields['status']} {fields['latency_ms']:.1f}ms"
+
+
+def _bound_strings(fields: dict[str, Any]) -> None:
+    for key, value in fields.items():
+        if type(value) is str and len(value) > MAX_FIELD_CHARS:
+            fields[key] = bounded(value)
+
+
 # Field names a LogRecord reserves; an access-log field with one of these names is renamed, not dropped.
 _RESERVED: Final = _RECORD_ATTRS | {"message"}
 
@@ -308,16 +329,18 @@ def access_log(*, method: str, path: str, status: int, latency_ms: float, **fiel
 
 def access_line(fields: dict[str, Any]) -> None:
     """``access_log`` for a dict the caller built (the relay's per-request path): it starts with method, path,
-    status and latency_ms; None values are left out. The dict is consumed."""
+    status and latency_ms; None values are left out, and strings (the path, model, sub...: chosen by a client or
+    an upstream) are cut to ``MAX_FIELD_CHARS``. The dict is consumed."""
     if not ACCESS_LOGGER.isEnabledFor(logging.INFO):
         return
     for key in [key for key, value in fields.items() if value is None]:
         del fields[key]
-    message = f"{fields['method']} {fields['path']} {fields['status']} {fields['latency_ms']:.1f}ms"
     writer = _fast_access_writer()
     if writer is not None:
-        writer.write(message, fields)
+        writer.write(fields)  # it checks the length of the line it made: one len() where a loop here cost ~2 us
         return
+    _bound_strings(fields)
+    message = _access_message(fields)
     extra = {f"{key}_" if key in _RESERVED else key: value for key, value in fields.items()}
     ACCESS_LOGGER.info("%s", message, extra=extra)
 

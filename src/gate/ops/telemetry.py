@@ -51,6 +51,7 @@ from opentelemetry.trace import (
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from gate.ops.bounds import MAX_FIELD_CHARS, bounded
 from gate.settings import ObservabilitySettings
 
 if TYPE_CHECKING:
@@ -417,6 +418,12 @@ class Telemetry:
             unit="{event}",
             description="Usage events waiting in the outbox.",
         )
+        meter.create_observable_gauge(
+            "gate.usage.outbox.dead_letters",
+            callbacks=[self._observe_dead_letters],
+            unit="{event}",
+            description="Usage events a destination refused for good, kept in the outbox's dead-letter table.",
+        )
         meter.create_observable_counter(
             "gate.usage.publish.failures",
             callbacks=[self._observe_publish_failures],
@@ -523,6 +530,7 @@ class Telemetry:
             "gate.stream": stream,
         }
         if model:
+            model = bounded(model)  # the client's string: an unbounded one would make a span no exporter sends
             attributes["gen_ai.request.model"] = model
         span = tracer.start_span(f"chat {model}" if model else "chat", kind=SpanKind.CLIENT, attributes=attributes)
         return _ActiveSpan(span)
@@ -544,7 +552,7 @@ class Telemetry:
             if record.key_alias:
                 server_attrs["gate.key_alias"] = record.key_alias
             if self._user_attribute and sub:
-                server_attrs[self._user_attribute] = sub
+                server_attrs[self._user_attribute] = bounded(sub)
             server.set_attributes(server_attrs)
         if client is not None and client.is_recording():
             _annotate_call(client, record)
@@ -648,7 +656,7 @@ class Telemetry:
             self._auth_failures.add((("reason", reason),))
 
     def set_usage_source(self, events: Any) -> None:
-        """An object with ``depth``, ``publish_failures_total`` and ``last_delivery_lag_seconds``."""
+        """An object with ``depth``, ``dead_letters``, ``publish_failures_total`` and ``last_delivery_lag_seconds``."""
         self._usage_source = events
 
     def _observe_breaker(self, options: CallbackOptions) -> Iterable[Observation]:
@@ -658,6 +666,9 @@ class Telemetry:
 
     def _observe_outbox_depth(self, options: CallbackOptions) -> Iterable[Observation]:
         return _observe(self._usage_source, "depth")
+
+    def _observe_dead_letters(self, options: CallbackOptions) -> Iterable[Observation]:
+        return _observe(self._usage_source, "dead_letters")
 
     def _observe_publish_failures(self, options: CallbackOptions) -> Iterable[Observation]:
         return _observe(self._usage_source, "publish_failures_total")
@@ -703,12 +714,12 @@ def _token_keys(model: str | None, alias: str | None, user: str | None) -> tuple
     """Attribute sets for (time to first token, input, output, cache_creation, cache_read)."""
     base: Attrs = (("gen_ai.operation.name", "chat"), ("gen_ai.system", GEN_AI_SYSTEM))
     if model:
-        base = (*base, ("gen_ai.response.model", model))
+        base = (*base, ("gen_ai.response.model", bounded(model)))
     usage = base
     if alias:
         usage = (*usage, ("gate.key_alias", alias))
     if user:
-        usage = (*usage, ("user.id", user))
+        usage = (*usage, ("user.id", bounded(user)))
     return (
         base,
         *((*usage, ("gen_ai.token.type", kind)) for kind in ("input", "output", "cache_creation", "cache_read")),
@@ -737,9 +748,14 @@ def _annotate_call(client: Span, record: UsageRecord) -> None:
         attrs["http.response.status_code"] = record.http_status
     if record.error_type:
         attrs["error.type"] = record.error_type
+    for name, value in attrs.items():  # strings a client or an upstream chose: cut as in events and logs
+        if type(value) is str and len(value) > MAX_FIELD_CHARS:
+            attrs[name] = bounded(value)
+    if record.stop_reason and len(record.stop_reason) > MAX_FIELD_CHARS:
+        attrs["gen_ai.response.finish_reasons"] = (bounded(record.stop_reason),)
     client.set_attributes(attrs)
     if record.status == "error" or (record.http_status is not None and record.http_status >= 400):
-        client.set_status(Status(StatusCode.ERROR, record.error_type or str(record.http_status)))
+        client.set_status(Status(StatusCode.ERROR, attrs.get("error.type") or str(record.http_status)))
 
 
 def _state_name(state: str) -> str:

@@ -19,6 +19,12 @@ Semantics (Resilience4j, ``COUNT_BASED`` window, no automatic OPEN -> HALF_OPEN 
   window of that size: CLOSED (fresh window) if both rates are below their thresholds, else OPEN again.
 * Every permit ends in one ``record`` or ``release``; ``release`` (a 4xx, a client that left) returns a
   half-open slot without an outcome. A permit from an earlier state (older generation) is ignored.
+
+Gate records a call at upstream's response head (so a half-open trial ends as soon as its calls have answered,
+however long their streams run), and a stream that fails later (stalls, breaks, carries an ``overloaded_error``)
+through ``record_late_failure``: the call's outcome in the window turns into a failure while it is still there;
+once the trial has closed the circuit, the failure counts in the fresh window; while open or in a newer trial,
+it is ignored (a trial is judged by its own calls).
 """
 
 from __future__ import annotations
@@ -63,23 +69,41 @@ class Permit:
 
     generation: int
     settled: bool = False
+    window: _Window | None = None  # where ``record`` put the outcome, and its position there
+    seq: int = 0
+    failed_late: bool = False
 
 
 class _Window:
     """The last ``size`` outcomes with running totals: O(1) per call, subtract-on-evict."""
 
-    __slots__ = ("_next", "_outcomes", "calls", "failed", "size", "slow", "slow_failed")
+    __slots__ = ("_next", "_outcomes", "added", "calls", "failed", "size", "slow", "slow_failed")
 
     def __init__(self, size: int) -> None:
         self.size = size
         self._outcomes = bytearray(size)
         self._next = 0
+        self.added = 0  # outcomes ever added: the sequence number of the next one
         self.calls = 0
         self.failed = 0
         self.slow = 0
         self.slow_failed = 0
 
-    def add(self, outcome: int) -> None:
+    def fail(self, seq: int) -> bool:
+        """Turn the outcome added as number ``seq`` into a failure; False once it has left the window."""
+        if not self.added - self.size <= seq < self.added:
+            return False
+        slot = seq % self.size
+        outcome = self._outcomes[slot]
+        if outcome & _FAILED:
+            return False
+        self._count(outcome, -1)
+        self._outcomes[slot] = outcome | _FAILED
+        self._count(outcome | _FAILED, 1)
+        return True
+
+    def add(self, outcome: int) -> int:
+        """Add an outcome; its sequence number (see ``fail``)."""
         if self.calls == self.size:
             self._count(self._outcomes[self._next], -1)
         else:
@@ -87,6 +111,9 @@ class _Window:
         self._outcomes[self._next] = outcome
         self._count(outcome, 1)
         self._next = (self._next + 1) % self.size
+        seq = self.added
+        self.added += 1
+        return seq
 
     def _count(self, outcome: int, step: int) -> None:
         if outcome & _FAILED:
@@ -157,8 +184,21 @@ class CircuitBreaker:
         if not self._take(permit):
             return
         outcome = (_FAILED if failed else 0) | (_SLOW if duration > self._slow_after else 0)
-        self._window.add(outcome)
+        window = self._window
+        permit.window, permit.seq = window, window.add(outcome)
         self._judge()
+
+    def record_late_failure(self, permit: Permit) -> None:
+        """The call recorded as a success with ``permit`` failed afterwards (its stream broke or stalled)."""
+        if permit.failed_late or permit.window is None or not self._enabled or self._state is BreakerState.OPEN:
+            return
+        permit.failed_late = True
+        if permit.window is self._window:
+            if self._window.fail(permit.seq):
+                self._judge()
+        elif self._state is BreakerState.CLOSED and permit.generation + 1 == self._generation:
+            self._window.add(_FAILED)  # the trial closed the circuit on this call's head; its failure counts now
+            self._judge()
 
     def release(self, permit: Permit) -> None:
         """Hand back a permit whose call says nothing about upstream health (a 4xx, a client that left)."""

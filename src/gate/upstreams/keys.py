@@ -1,5 +1,10 @@
 """The Anthropic key pool: round-robin selection over the configured keys, skipping keys that are cooling down
-after a 429 or quarantined after a 401/403. Aliases name keys everywhere; values never leave the ``Key``.
+after a 429 or quarantined after a 401. Aliases name keys everywhere; values never leave the ``Key``.
+
+Only a 401 (``authentication_error``: Anthropic's answer to an invalid, disabled or deleted key) quarantines; a
+403 ``permission_error`` is about the request (a model or beta the organisation lacks) and leaves keys alone.
+A quarantined key is handed to ``on_quarantine`` (the background ``KeyProber``), which restores it as soon as
+Anthropic accepts it again, so one request's answer never locks keys out for the whole quarantine.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ class KeyPool:
         self._state: list[KeyState] = ["available"] * len(self._keys)
         self._until = [0.0] * len(self._keys)
         self._out = 0
+        self.on_quarantine: Callable[[Key], None] | None = None  # the prober, set by the app
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -102,16 +108,36 @@ class KeyPool:
             self._emit("cooldown", alias)
 
     def report_rejected(self, alias: str, status: int) -> None:
-        """Upstream refused ``alias`` (401/403): quarantine it and raise the alarm, naming the alias only."""
+        """Upstream refused ``alias`` as a key (401): quarantine it, raise the alarm (naming the alias only) and
+        have it probed in the background."""
         seconds = self._settings.quarantine
         if self._take_out(alias, seconds, "quarantined"):
             logger.error(
-                "Anthropic rejected key %r with HTTP %d: quarantined for %.0f s; check or replace this key",
+                "Anthropic rejected key %r with HTTP %d: out of rotation, probed in the background and back as soon "
+                "as Anthropic accepts it (at the latest in %.0f s); check or replace this key",
                 alias,
                 status,
                 seconds,
             )
             self._emit("quarantine", alias)
+            if self.on_quarantine is not None:
+                self.on_quarantine(self._keys[self._index[alias]])
+
+    def restore(self, alias: str) -> None:
+        """Put a quarantined key back in rotation now (a probe found Anthropic accepts it)."""
+        i = self._index.get(alias)
+        if i is None:
+            return
+        with self._lock:
+            restored = self._state[i] == "quarantined"
+            if restored:
+                self._restore(i)
+        if restored:
+            self._emit("restored", alias)
+
+    def is_quarantined(self, alias: str) -> bool:
+        i = self._index.get(alias)
+        return i is not None and self._state[i] == "quarantined" and self._until[i] > self._clock()
 
     def report_success(self, alias: str) -> None:
         """A call on ``alias`` succeeded. Nothing to do: keys return on their own clock, not on a success."""

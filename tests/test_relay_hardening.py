@@ -1,0 +1,296 @@
+"""Issue 11's relay findings, end to end: key health on 401/403, the half-open trial judged at the response's head,
+a slow client told apart from a silent upstream, and an upstream that fails before the first byte reached the
+client answered cleanly. A real Gate in-process against the scriptable fake Anthropic; httpx or the SDK as client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.fake_anthropic import FakeAnthropic, Received, Reply, error_reply, fixture
+from tests.harness import BackgroundLoop, RunningGate, read_events
+
+MESSAGE = {"model": "claude-opus-4-6", "max_tokens": 64, "messages": [{"role": "user", "content": "Hello"}]}
+STREAM = {**MESSAGE, "stream": True}
+PRIMARY = "sk-ant-test-primary-0000000000000000"
+SECONDARY = "sk-ant-test-secondary-000000000000000"
+ALIAS_BY_VALUE = {PRIMARY: "primary", SECONDARY: "secondary"}
+WAIT = 10.0  # a safety net for blocking calls, never an assertion
+StartGate = Callable[..., RunningGate]
+
+
+def post(gate: RunningGate, body: dict[str, Any] = MESSAGE, timeout: float = WAIT) -> httpx.Response:
+    headers = {"authorization": f"Bearer {gate.token()}", "content-type": "application/json"}
+    return httpx.post(gate.url + "/v1/messages", content=json.dumps(body).encode(), headers=headers, timeout=timeout)
+
+
+def health(gate: RunningGate) -> dict[str, Any]:
+    return dict(httpx.get(gate.url + "/actuator/health", timeout=WAIT).json())
+
+
+def key_states(gate: RunningGate) -> dict[str, str]:
+    keys = health(gate)["components"]["apiKeys"]["details"]["keys"]
+    return {k["alias"]: k["state"] for k in keys}
+
+
+def events(gate: RunningGate, count: int) -> list[dict[str, Any]]:
+    return [event["data"] for event in read_events(Path(gate.settings.usage.file.path), count)]
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.01)
+
+
+def is_error_shape(response: httpx.Response, status: int, error_type: str) -> bool:
+    body = response.json()
+    return (
+        response.status_code == status
+        and body["type"] == "error"
+        and body["error"]["type"] == error_type
+        and isinstance(body["error"]["message"], str)
+    )
+
+
+# ------------------------------------------------------------------------------------------------ keys
+
+
+def test_a_403_reaches_the_client_unchanged_and_leaves_every_key_in_rotation(
+    start_gate: StartGate, fake: FakeAnthropic
+) -> None:
+    gate = start_gate()
+    fake.responder = lambda r: error_reply(403, "permission_error", "this organisation may not use this model")
+    response = post(gate)
+    assert response.status_code == 403 and "x-gate-error" not in response.headers
+    assert response.json()["error"]["type"] == "permission_error"
+    assert len(fake.received) == 1  # a request-level refusal: not retried on another key
+    assert key_states(gate) == {"primary": "available", "secondary": "available"}
+    fake.responder = None
+    assert post(gate).status_code == 200 and post(gate).status_code == 200
+    [data] = events(gate, 1)[:1]
+    assert (data["status"], data["error_type"], data["http_status"]) == ("error", "permission_error", 403)
+
+
+def test_a_401_quarantines_the_key_and_a_background_probe_confirms_it(
+    start_gate: StartGate, fake: FakeAnthropic
+) -> None:
+    gate = start_gate(anthropic={"api": {"key-health": {"quarantine": "1h", "probe-interval": "30s"}}})
+
+    def revoked_primary(r: Received) -> Reply:
+        if r.headers.get("x-api-key") == PRIMARY:
+            return error_reply(401, "authentication_error", "invalid x-api-key")
+        return Reply(fixture="message-basic.json")
+
+    fake.responder = revoked_primary
+    for _ in range(4):
+        assert post(gate).status_code == 200
+    probes = lambda: [r for r in fake.received if r.method == "GET" and r.path_qs.startswith("/v1/models")]  # noqa: E731
+    wait_for(lambda: len(probes()) >= 1, "a probe of the rejected key")
+    assert ALIAS_BY_VALUE[probes()[0].headers["x-api-key"]] == "primary"
+    assert "authorization" not in probes()[0].headers
+    assert key_states(gate) == {"primary": "quarantined", "secondary": "available"}
+    messages = [ALIAS_BY_VALUE[r.headers["x-api-key"]] for r in fake.received if r.method == "POST"]
+    assert messages.count("primary") == 1  # once, then never again while quarantined
+
+
+def test_one_request_answered_401_on_every_key_does_not_lock_the_keys_out(
+    start_gate: StartGate, fake: FakeAnthropic
+) -> None:
+    gate = start_gate(anthropic={"api": {"key-health": {"quarantine": "1h"}}})
+    # Both keys refused for this one request (say, an intermediary's answer); the keys themselves are fine.
+    refusals = [error_reply(401, "authentication_error", "invalid x-api-key") for _ in range(2)]
+
+    def first_two_posts_refused(r: Received) -> Reply:
+        if r.method == "GET":
+            return Reply(body=b'{"data":[],"has_more":false}', stream=False)  # the probes: the keys are good
+        return refusals.pop() if refusals else Reply(fixture="message-basic.json")
+
+    fake.responder = first_two_posts_refused
+    response = post(gate)
+    assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
+    # The background probes find both keys good and put them back at once, not after an hour.
+    wait_for(lambda: key_states(gate) == {"primary": "available", "secondary": "available"}, "keys restored")
+    assert post(gate).status_code == 200
+    outcomes = [(e["status"], e["http_status"]) for e in events(gate, 3)]
+    assert outcomes == [("error", 401), ("error", 401), ("success", 200)]
+
+
+# ------------------------------------------------------------------------------------------------ breaker
+
+
+BREAKER = {
+    "circuit-breaker": {
+        "sliding-window-size": 4,
+        "minimum-number-of-calls": 4,
+        "wait-duration-in-open-state": "300ms",
+        "permitted-number-of-calls-in-half-open-state": 2,
+    }
+}
+
+
+def test_the_half_open_trial_is_judged_at_the_head_so_long_streams_do_not_hold_it(
+    start_gate: StartGate, fake: FakeAnthropic
+) -> None:
+    gate = start_gate(resilience=BREAKER)
+    fake.responder = lambda r: error_reply(500, "api_error", "boom")
+    for _ in range(4):
+        assert post(gate).status_code == 500
+    assert health(gate)["components"]["circuitBreaker"]["details"]["state"] == "OPEN"
+    time.sleep(0.4)
+    # Two long trial streams: their heads come at once, their bodies take seconds.
+    fake.responder = lambda r: Reply(fixture="stream-basic.sse", cuts=[40] * 40, delay=0.1)
+    headers = {"authorization": f"Bearer {gate.token()}", "content-type": "application/json"}
+    clients = [httpx.Client(timeout=WAIT) for _ in range(2)]
+    streams: list[Any] = []
+    try:
+        for client in clients:
+            cm = client.stream("POST", gate.url + "/v1/messages", content=json.dumps(STREAM).encode(), headers=headers)
+            response = cm.__enter__()
+            assert response.status_code == 200
+            chunks = response.iter_raw()
+            next(chunks)  # the trial's first bytes are here; its end is seconds away
+            streams.append((cm, chunks))
+        fake.responder = None
+        third = post(gate)  # before the fix: 503, the trial was held until both streams ended
+        assert third.status_code == 200
+        assert health(gate)["components"]["circuitBreaker"]["details"]["state"] == "CLOSED"
+        for _cm, rest in streams:
+            b"".join(rest)
+    finally:
+        for cm, _rest in streams:
+            cm.__exit__(None, None, None)
+        for client in clients:
+            client.close()
+
+
+# ------------------------------------------------------------------------------------------------ slow client
+
+
+def big_stream(events_count: int = 4000) -> bytes:
+    """A valid Messages stream with many ~1 KB deltas: far more than socket buffers hold."""
+    text = "x" * 1000
+    parts = [fixture("stream-basic.sse").split(b"event: content_block_delta", 1)[0]]
+    delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}
+    line = b"event: content_block_delta\ndata: " + json.dumps(delta).encode() + b"\n\n"
+    parts.append(line * events_count)
+    parts.append(
+        b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
+        b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn"},'
+        b'"usage":{"output_tokens":4000}}\n\nevent: message_stop\ndata: {"type":"message_stop"}\n\n'
+    )
+    return b"".join(parts)
+
+
+def test_a_client_that_stops_reading_is_not_blamed_on_anthropic(start_gate: StartGate, fake: FakeAnthropic) -> None:
+    gate = start_gate(
+        anthropic={"api": {"timeouts": {"stream-idle": "1s"}}},
+        server={"limits": {"send-timeout": "2s"}},
+    )
+    fake.responder = lambda r: Reply(body=big_stream(), stream=True, cuts=[64 * 1024] * 100)
+    body = json.dumps(STREAM).encode()
+    sock = socket.create_connection(("127.0.0.1", gate.port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        sock.sendall(
+            b"POST /v1/messages HTTP/1.1\r\nHost: gate\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {gate.token()}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        sock.recv(1024)  # the head and a first piece; then this client reads nothing more
+        [data] = events(gate, 1)
+    finally:
+        sock.close()
+    assert data["status"] == "client_timeout", data
+    assert data["error_type"] is None and data["http_status"] == 200
+    details = health(gate)["components"]["circuitBreaker"]["details"]
+    assert details["failedCalls"] == 0  # not counted against Anthropic: its head was a success
+
+
+# ------------------------------------------------------------------------------------------------ before the first byte
+
+
+def test_upstream_dropping_right_after_a_streams_head_gets_a_clean_502(
+    start_gate: StartGate, fake: FakeAnthropic
+) -> None:
+    gate = start_gate()
+    fake.enqueue(Reply(fixture="stream-basic.sse", drop_after=0))
+    response = post(gate, STREAM)
+    assert is_error_shape(response, 502, "api_error")
+    [data] = events(gate, 1)
+    assert (data["status"], data["error_type"]) == ("error", "api_error")
+
+
+def test_a_stream_stalled_before_its_first_chunk_gets_a_clean_504(start_gate: StartGate, fake: FakeAnthropic) -> None:
+    gate = start_gate(anthropic={"api": {"timeouts": {"stream-idle": "500ms"}}})
+    fake.enqueue(Reply(fixture="stream-basic.sse", stall_after=0))
+    response = post(gate, STREAM)
+    assert is_error_shape(response, 504, "timeout_error")
+    [data] = events(gate, 1)
+    assert (data["status"], data["error_type"]) == ("error", "timeout_error")
+
+
+class RawUpstream:
+    """A loopback upstream that answers every request with the same raw bytes, then closes."""
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
+        self.bg = BackgroundLoop()
+        self.port = 0
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(self.answer)
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.close()
+
+    def __enter__(self) -> str:
+        server = self.bg.run(asyncio.start_server(self._serve, "127.0.0.1", 0))
+        self.port = server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.bg.close()
+
+
+@pytest.mark.parametrize(
+    "first_chunk",
+    [b"0x10\r\n", b"ffffffffffffffffffff\r\n", b"10\ndata: x\n"],
+    ids=["0x-prefix", "overflowing-size", "bare-LF"],
+)
+def test_a_malformed_first_chunk_gets_a_clean_502(start_gate: StartGate, first_chunk: bytes) -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    with RawUpstream(head + first_chunk) as url:
+        gate = start_gate(upstream_url=url)
+        response = post(gate, STREAM)
+        assert is_error_shape(response, 502, "api_error")
+        [data] = events(gate, 1)
+        assert (data["status"], data["error_type"]) == ("error", "api_error")
+
+
+# ------------------------------------------------------------------------------------------------ bounded input
+
+
+def test_a_model_name_no_model_has_is_refused_before_any_upstream_call(
+    start_gate: StartGate, fake: FakeAnthropic
+) -> None:
+    gate = start_gate()
+    response = post(gate, {**MESSAGE, "model": "m" * 100_000})
+    assert is_error_shape(response, 400, "invalid_request_error")
+    assert len(response.content) < 1000  # the name is not echoed back
+    assert fake.received == []
+    assert post(gate).status_code == 200
+    [data] = events(gate, 1)
+    assert data["status"] == "success"  # the refused call owed no event: the next event is the sentinel's
