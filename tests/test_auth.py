@@ -508,10 +508,23 @@ async def test_health_reports_the_source_without_credentials(own_idp: JwksServer
         health = auth.health()
         details: dict[str, Any] = health["details"]  # type: ignore[assignment]
         assert health["status"] == "UP"
-        assert details["source"] == own_idp.url
+        # gate.ops.redact's rule: user info and secret query values masked, host and path kept
+        assert details["source"] == own_idp.url.replace("http://", "http://***@") + "?token=***"
         assert details["ageSeconds"] == 42.0
         assert details["lastRefresh"].endswith("Z")
         assert details["lastError"] is None
+
+
+async def test_a_token_without_exp_is_refused_unless_require_exp_is_off(idp: JwksServer) -> None:
+    token = idp.mint(kid=EC256, exp=OMIT)
+    async with running(jwt_settings(idp.url)) as auth:
+        error = await refused(auth, f"Bearer {token}")
+        assert error.reason == "missing_exp" and "exp" in error.message
+        assert 'error="invalid_token"' in www_authenticate(error)
+        assert (await auth.authenticate(f"Bearer {idp.mint(kid=EC256)}", None)).expires_at is not None
+    async with running(jwt_settings(idp.url, require_exp=False)) as auth:
+        identity = await auth.authenticate(f"Bearer {token}", None)
+        assert identity.sub == "alice" and identity.expires_at is None
 
 
 async def test_a_failing_refresh_hook_does_not_break_refresh(own_idp: JwksServer) -> None:
@@ -639,7 +652,7 @@ async def test_any_signed_payload_gives_identity_or_auth_error(
     try:
         identity = await auth.authenticate(f"Bearer {token}", None)
     except AuthError as error:
-        assert error.reason in {"malformed", "expired", "not_yet_valid", "missing_sub"}
+        assert error.reason in {"malformed", "expired", "missing_exp", "not_yet_valid", "missing_sub"}
     else:
         assert isinstance(identity.sub, str) and identity.sub.strip()
 

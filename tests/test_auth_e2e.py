@@ -223,6 +223,7 @@ REFUSALS: dict[str, Case] = {
     "tampered-payload": lambda idp, kid: (bearer(tamper_payload(idp.mint(kid=kid), sub="mallory")), "signature"),
     "tampered-signature": lambda idp, kid: (bearer(tamper_signature(idp.mint(kid=kid))), "signature"),
     "missing-sub": lambda idp, kid: (bearer(idp.mint(sub=OMIT, kid=kid)), "subject"),
+    "no-exp": lambda idp, kid: (bearer(idp.mint(kid=kid, exp=OMIT)), "no expiry"),  # security.jwt.require-exp
     "blank-sub": lambda idp, kid: (bearer(idp.mint(sub="  ", kid=kid)), "subject"),
     "alg-none": lambda idp, kid: (
         bearer(unsigned_token(_signed_claims(idp, kid), {"alg": "none", "kid": kid, "typ": "JWT"})),

@@ -201,6 +201,32 @@ def test_a_chunked_request_body_is_relayed_like_any_other(gate: RunningGate, fak
     assert fake.received[-1].body == _BODY  # forwarded byte for byte, with its length
 
 
+@pytest.mark.parametrize("size", [2**64 - 1, 32 * 1024 * 1024 + 1], ids=["2^64-1", "limit+1"])
+def test_a_chunk_declaring_more_than_the_body_limit_is_413_at_once(
+    start_gate: Callable[..., RunningGate], fake: FakeAnthropic, size: int
+) -> None:
+    gate = start_gate(server={"limits": {"body-timeout": "60s", "max-body-size": "32MB"}})  # no 408 to hide behind
+    with connect(gate) as sock:
+        sock.sendall(_post_head(gate, b"Transfer-Encoding: chunked\r\n\r\n%x\r\n{" % size))
+        status, headers, body = read_response(sock)
+        assert read_until_closed(sock) == b""
+    assert status == 413 and headers["connection"] == "close"
+    assert_anthropic_error(body, "request_too_large")
+    assert fake.received == []
+
+
+def test_http_1_0_with_transfer_encoding_is_answered_and_closed_whatever_connection_says(gate: RunningGate) -> None:
+    with connect(gate) as sock:
+        sock.sendall(
+            b"GET / HTTP/1.0\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n0\r\n\r\n"
+            b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+        )
+        answers = read_until_closed(sock)
+    assert len(re.findall(rb"HTTP/1\.1 \d{3} ", answers)) == 1  # the second request is not served
+    head = answers.partition(b"\r\n\r\n")[0].lower()
+    assert head.startswith(b"http/1.1 200 ") and b"connection: close" in head and b"keep-alive" not in head
+
+
 def test_expect_100_continue_gets_continue_then_the_answer(gate: RunningGate, fake: FakeAnthropic) -> None:
     with connect(gate) as sock:
         sock.sendall(_post_head(gate, b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(_BODY)))

@@ -94,7 +94,8 @@ def env_of(container: dict[str, Any]) -> dict[str, str]:
         if "value" in item:
             out[item["name"]] = str(item["value"])
         elif "secretKeyRef" in item.get("valueFrom", {}):
-            out[item["name"]] = "sk-ant-from-a-secret-000000000000000"
+            secret = "amqp://gate:secret@rabbitmq:5672/" if "RABBITMQ" in item["name"] else "sk-ant-from-a-secret-00000"
+            out[item["name"]] = secret
     return out
 
 

@@ -137,7 +137,10 @@ class GateWithKeyFiles:
     def client(self) -> anthropic.Anthropic:
         return anthropic.Anthropic(base_url=self.url, auth_token=self.token, max_retries=0, timeout=WAIT)
 
+    asked = 0
+
     def ask(self) -> None:
+        self.asked += 1
         self.client().messages.create(
             model="claude-opus-4-6", max_tokens=16, messages=[{"role": "user", "content": "Hi"}]
         )
@@ -248,7 +251,7 @@ def test_a_rotated_key_is_used_within_seconds_the_removed_one_never_again_and_st
     assert keys_seen(fake) == [NEW] * 10  # neither the old value nor the removed key, ever again
     assert body == [fixture("stream-basic.sse")]  # the stream in flight finished, byte for byte
     assert in_flight_key in (OLD, SECOND)
-    events = read_events(gate.events, 16)
+    events = read_events(gate.events, gate.asked + 1)  # every call, the stream's included
     streamed = [e["data"] for e in events if e["data"]["stream"]]
     assert [(e["status"], e["output_tokens"]) for e in streamed] == [("success", 15)]
     log = gate.log.read_text()

@@ -105,11 +105,10 @@ def call_normally(gate: RunningGate, count: int) -> None:
 # --------------------------------------------------------------------------------------------- bounds
 
 
-def test_an_11_mb_model_name_makes_a_small_event_and_a_small_access_line(
+def test_an_11_mb_model_name_is_refused_with_a_small_answer_and_a_small_access_line(
     start_gate: Callable[..., RunningGate], fake: FakeAnthropic, caplog: pytest.LogCaptureFixture
 ) -> None:
     gate = start_gate()
-    fake.enqueue(error_reply(400, "invalid_request_error", "model: not found"))
     body = orjson.dumps({**NORMAL, "model": HUGE_MODEL})
     with caplog.at_level(logging.INFO, logger="gate.access"):
         answer = httpx.post(
@@ -118,13 +117,35 @@ def test_an_11_mb_model_name_makes_a_small_event_and_a_small_access_line(
             headers={"authorization": f"Bearer {gate.token()}", "content-type": "application/json"},
             timeout=60,
         )
+    assert answer.status_code == 400 and len(answer.content) < 1024  # no model has such a name: no upstream call
+    assert fake.received == []
+    (access,) = [r for r in caplog.records if r.name == "gate.access"]
+    assert sum(len(str(value)) for value in access.__dict__.values()) < 16 * 1024
+
+
+def test_a_60_kb_session_id_makes_a_small_event_and_a_small_access_line(
+    start_gate: Callable[..., RunningGate], fake: FakeAnthropic, caplog: pytest.LogCaptureFixture
+) -> None:
+    gate = start_gate()
+    session = "s" * 60_000  # within the header limit, so it reaches the relay, the event and the log
+    fake.enqueue(error_reply(400, "invalid_request_error", "bad request"))
+    with caplog.at_level(logging.INFO, logger="gate.access"):
+        answer = httpx.post(
+            gate.url + "/v1/messages",
+            content=orjson.dumps(NORMAL),
+            headers={
+                "authorization": f"Bearer {gate.token()}",
+                "content-type": "application/json",
+                "x-claude-code-session-id": session,
+            },
+            timeout=60,
+        )
         assert answer.status_code == 400
         (event,) = read_events(Path(gate.settings.usage.file.path), 1)
-    assert event["data"]["model"] == HUGE_MODEL[: MAX_FIELD_CHARS - 1] + "…"
+    assert event["data"]["claude_code_session_id"] == session[: MAX_FIELD_CHARS - 1] + "…"
     assert event["data"]["http_status"] == 400 and event["data"]["error_type"] == "invalid_request_error"
     assert len(orjson.dumps(event)) < 4096
     (access,) = [r for r in caplog.records if r.name == "gate.access"]
-    assert access.__dict__["model"] == HUGE_MODEL[: MAX_FIELD_CHARS - 1] + "…"
     assert sum(len(str(value)) for value in access.__dict__.values()) < 16 * 1024
 
 

@@ -11,7 +11,17 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gate.settings import ConfigError, GateSettings, active_profiles, load_settings, parse_duration, parse_size
+from gate.settings import (
+    SEED_PROFILES,
+    ConfigError,
+    GateSettings,
+    active_profiles,
+    known_profiles,
+    load_settings,
+    load_with_sources,
+    parse_duration,
+    parse_size,
+)
 
 JWKS = "https://idp.example.com/.well-known/jwks.json"
 
@@ -345,12 +355,16 @@ def test_unreadable_files_are_named(tmp_path: Path, content: str, says: str) -> 
 def test_errors_never_show_secret_values(tmp_path: Path) -> None:
     bad = write(tmp_path / "bad.yaml", {"anthropic": {"api": {"keys": "sk-ant-api03-secret-in-the-wrong-place"}}})
     message = config_error(tmp_path, bad)
-    assert "anthropic.api.keys" in message and "sk-ant" not in message
+    assert "anthropic.api.keys" in message and "secret-in-the-wrong-place" not in message
+    assert "sk-ant-***" in message  # masked by the one rule, as in logs
     message = config_error(tmp_path, env={"ANTHROPIC_API_KEYS_0_VALUE": "sk-ant-x", "ANTHROPIC_API_KEYS_0_ALIAS": ""})
     assert "anthropic.api.keys[0].alias" in message and "sk-ant-x" not in message
     bad = write(tmp_path / "bad2.yaml", {"usage": {"rabbitmq": {"url": 5, "routing-key": ["amqp://u:pw@h/"]}}})
     message = config_error(tmp_path, bad)
     assert "usage.rabbitmq.url" in message and "pw" not in message
+    # A URL without its scheme is the mistake being reported: its user info is masked all the same.
+    message = config_error(tmp_path, env={"USAGE_RABBITMQ_URL": "gate:rabbit-pw@mq:5672"})
+    assert "usage.rabbitmq.url" in message and "rabbit-pw" not in message and "***@mq:5672" in message
 
 
 # ---------------------------------------------------------------------------------------------- masking
@@ -361,18 +375,19 @@ def test_masked_configuration_hides_every_secret(tmp_path: Path) -> None:
         "ANTHROPIC_KEY_PRIMARY": "sk-ant-primary-secret",
         "ANTHROPIC_API_KEYS_1_VALUE": "sk-ant-second-secret",
         "USAGE_RABBITMQ_URL": "amqp://gate:rabbit-secret@mq:5672/",
-        "JWK_SET_URI": "https://reader:idp-secret@idp.example.com/jwks.json",
-        "ANTHROPIC_API_BASEURL": "https://egress-token-123@egress.example.com",
+        "JWK_SET_URI": "https://reader:idp-secret@idp.example.com/jwks.json?access_token=idp-token",
+        "USAGE_EVENTSOURCE": "/gate/eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.sig",
     }
     settings = load(tmp_path, env=env)
     dumped = yaml.safe_dump(settings.masked())
-    for secret in ("sk-ant-primary-secret", "sk-ant-second-secret", "rabbit-secret", "idp-secret", "egress-token"):
+    for secret in ("sk-ant-primary-secret", "sk-ant-second-secret", "rabbit-secret", "idp-secret", "idp-token"):
         assert secret not in dumped
     masked = settings.masked()
-    assert masked["anthropic"]["api"]["keys"][0] == {"alias": "primary", "value": "******"}
-    assert masked["usage"]["rabbitmq"]["url"] == "******"
-    assert masked["security"]["jwt"]["jwk-set-uri"] == "https://reader:******@idp.example.com/jwks.json"
-    assert masked["anthropic"]["api"]["base-url"] == "https://******@egress.example.com"
+    assert masked["anthropic"]["api"]["keys"][0] == {"alias": "primary", "value": "***"}
+    # Only the user info goes: the host and path say which broker and which IdP are meant.
+    assert masked["usage"]["rabbitmq"]["url"] == "amqp://***@mq:5672/"
+    assert masked["security"]["jwt"]["jwk-set-uri"] == "https://***@idp.example.com/jwks.json?access_token=***"
+    assert masked["usage"]["event-source"] == "/gate/eyJ***"  # a JWT anywhere, as in logs
     assert load(tmp_path).masked()["anthropic"]["api"]["base-url"] == "https://api.anthropic.com"  # no secret: shown
 
 
@@ -420,3 +435,158 @@ def test_sizes() -> None:
     assert parse_size(100) == parse_size("100") == 100
     with pytest.raises(ValueError):
         parse_size("lots")
+
+
+# ---------------------------------------------------------------------------------------------- environment values
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["sk-ant-ab${x:Z}cd", "sk-ant-${UNSET_WITHOUT_DEFAULT}", "pa${ss", "${file:/etc/hostname}", "~/not-a-home"],
+)
+def test_environment_values_are_literal(tmp_path: Path, value: str) -> None:
+    """``${...}`` is expanded in YAML files only: a key or password from the environment is used as it is."""
+    url = f"amqp://gate:{value.replace('/', '%2F')}@mq:5672/"
+    settings = load(tmp_path, env={"ANTHROPIC_API_KEYS_0_VALUE": value, "USAGE_RABBITMQ_URL": url})
+    assert settings.anthropic.api.keys[0].value.get_secret_value() == value
+    assert settings.usage.rabbitmq.url.get_secret_value() == url
+
+
+def test_a_file_variable_is_literal_too(tmp_path: Path) -> None:
+    secret = tmp_path / "key"
+    secret.write_text("sk-ant-${HOME}\n")
+    settings = load(tmp_path, env={"ANTHROPIC_API_KEYS_0_VALUE_FILE": str(secret), "HOME": "/root"})
+    assert settings.anthropic.api.keys[0].value.get_secret_value() == "sk-ant-${HOME}"
+
+
+# ---------------------------------------------------------------------------------------------- unusable values
+
+UNUSABLE = {
+    # variable: (value, key, what the message says)
+    "USAGE_RABBITMQ_URL": ("localhost:5672", "usage.rabbitmq.url", "not an AMQP URL"),
+    "SECURITY_JWT_JWKSETURI": ("not-a-url", "security.jwt.jwk-set-uri", "not an http(s) URL"),
+    "ANTHROPIC_API_BASEURL": ("https://api.anthropic.com/v1", "anthropic.api.base-url", "leave out /v1"),
+    "ANTHROPIC_API_TIMEOUTS_STREAMIDLE": ("0", "anthropic.api.timeouts.stream-idle", "must be more than 0"),
+    "USAGE_OUTBOX_COMMITINTERVAL": ("0", "usage.outbox.commit-interval", "at least 5ms"),
+}
+
+
+@pytest.mark.parametrize("variable", list(UNUSABLE))
+def test_unusable_values_are_refused_naming_key_and_variable(tmp_path: Path, variable: str) -> None:
+    value, key, says = UNUSABLE[variable]
+    message = config_error(tmp_path, env={"JWK_SET_URI": JWKS, variable: value})
+    assert f"{key}: " in message and says in message and f"[from environment variable {variable}]" in message
+
+
+@pytest.mark.parametrize(
+    ("section", "says"),
+    [
+        ({"usage": {"rabbitmq": {"url": "http://mq:5672/"}}}, "not an AMQP URL"),
+        ({"usage": {"rabbitmq": {"url": "amqp://mq:port/"}}}, "not a URL"),
+        ({"usage": {"rabbitmq": {"url": "amqp:///vhost"}}}, "not an AMQP URL"),
+        ({"security": {"jwt": {"jwk-set-uri": "ftp://idp/jwks"}}}, "not an http(s) URL"),
+        ({"security": {"jwt": {"jwk-set-uri": "https:///jwks"}}}, "not an http(s) URL"),
+        ({"anthropic": {"api": {"base-url": "api.anthropic.com"}}}, "not an http(s) URL"),
+        ({"anthropic": {"api": {"base-url": "https://egress.example.com/anthropic/v1/"}}}, "leave out /v1"),
+        ({"anthropic": {"api": {"base-url": "https://user:pw@egress.example.com"}}}, "user info"),
+        ({"anthropic": {"api": {"base-url": "https://api.anthropic.com?beta=1"}}}, "no query"),
+        ({"anthropic": {"api": {"timeouts": {"connect": "0s"}}}}, "must be more than 0"),
+        ({"anthropic": {"api": {"timeouts": {"response-headers": 0}}}}, "must be more than 0"),
+        ({"server": {"limits": {"header-timeout": "0ms"}}}, "must be more than 0"),
+        ({"security": {"jwt": {"refresh": 0}}}, "must be more than 0"),
+        ({"resilience": {"circuit-breaker": {"slow-call-duration-threshold": 0}}}, "must be more than 0"),
+        ({"usage": {"outbox": {"commit-interval": "1ms"}}}, "at least 5ms"),
+        ({"usage": {"outbox": {"retry-initial": 0}}}, "must be more than 0"),
+        ({"usage": {"rabbitmq": {"confirm-timeout": 0}}}, "must be more than 0"),
+    ],
+)
+def test_unusable_values_in_a_file_name_key_and_file(tmp_path: Path, section: dict[str, Any], says: str) -> None:
+    bad = write(tmp_path / "bad.yaml", {"security": {"jwt": {"jwk-set-uri": JWKS}}} | section)
+    message = config_error(tmp_path, bad, profiles=["prod"])
+    assert says in message and f"[from {bad}]" in message
+    assert "pw" not in message.replace("password", "")
+
+
+@pytest.mark.parametrize(
+    "section",
+    [
+        {"anthropic": {"api": {"base-url": "https://egress.example.com/anthropic/"}}},  # a reverse proxy's prefix
+        {"anthropic": {"api": {"base-url": "http://127.0.0.1:8081"}}},
+        {"usage": {"rabbitmq": {"url": "amqps://gate:p%40ss@mq.internal/prod"}}},
+        {"usage": {"outbox": {"commit-interval": "5ms"}}},
+        {"server": {"shutdown": {"drain-timeout": 0}}, "security": {"jwt": {"leeway": 0, "min-refresh-interval": 0}}},
+    ],
+)
+def test_usable_values_still_load(tmp_path: Path, section: dict[str, Any]) -> None:
+    load(tmp_path, write(tmp_path / "ok.yaml", section))
+
+
+def test_management_ports_of_the_workers_must_fit(tmp_path: Path) -> None:
+    message = config_error(tmp_path, env={"MANAGEMENT_SERVER_PORT": "65535", "SERVER_WORKERS": "2"})
+    assert "management.server.port" in message and "65535" in message
+    assert "environment variable MANAGEMENT_SERVER_PORT" in message
+    message = config_error(tmp_path, env={"MANAGEMENT_SERVER_PORT": "8079", "SERVER_WORKERS": "2"})
+    assert "include server.port 8080" in message
+    settings = load(tmp_path, env={"MANAGEMENT_SERVER_PORT": "9090", "SERVER_WORKERS": "4"})
+    assert settings.management.server.port == 9090
+
+
+# ---------------------------------------------------------------------------------------------- sources, profiles
+
+
+def test_each_value_knows_its_source(tmp_path: Path) -> None:
+    extra = write(tmp_path / "extra.yaml", "usage:\n  destination: ${TOPIC:fallback}\n  event-source: /x\n")
+    env = {"TOPIC": "billing", "SERVER_PORT": "9000", "ANTHROPIC_KEY_PRIMARY": "sk-ant-x"}
+    settings, sources = load_with_sources([extra], env=env, config_dir=tmp_path / "config")
+    assert settings.usage.destination == "billing"
+    assert sources.source_of(("usage", "destination")) == f"{extra} via ${{TOPIC}}"
+    assert sources.source_of(("usage", "event-source")) == extra
+    assert sources.source_of(("server", "port")) == "environment variable SERVER_PORT"
+    assert sources.source_of(("server", "host")) == "packaged application.yaml, ${GATE_HOST} unset"
+    key = ("anthropic", "api", "keys", 0, "value")
+    assert sources.source_of(key) == "packaged application-local.yaml via ${ANTHROPIC_KEY_PRIMARY}"
+    assert sources.source_of(("usage", "outbox", "batch-size")) == "default"
+    assert sources.source_of(("profiles",)) == "default"
+
+
+def test_an_unknown_profile_is_warned_about_not_refused(tmp_path: Path) -> None:
+    write(tmp_path / "config" / "application-eu.yaml", "usage:\n  destination: eu\n")
+    known = known_profiles(tmp_path / "config")
+    assert set(SEED_PROFILES) | {"eu"} <= set(known)
+    env = {"JWK_SET_URI": JWKS}
+    for good in (["prod"], ["eu", "uat"], ["lab,sit"]):
+        assert load_with_sources(profiles=good, env=env, config_dir=tmp_path / "config")[1].warnings == ()
+    settings, sources = load_with_sources(profiles=["prdo"], env=env, config_dir=tmp_path / "config")
+    assert settings.profiles == ("prdo",)
+    (warning,) = sources.warnings
+    assert "'prdo'" in warning and "prod" in warning and "eu" in warning and "gcp" in warning
+
+
+def test_a_config_error_carries_what_was_merged(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_with_sources(profiles=["prod"], env={"USAGE_DESTINATION": "billing"}, config_dir=tmp_path / "config")
+    assert "jwk-set-uri" in str(caught.value)
+    sources = caught.value.sources
+    assert sources is not None and sources.data["usage"]["destination"] == "billing"
+    assert sources.source_of(("usage", "destination")) == "environment variable USAGE_DESTINATION"
+
+
+# ---------------------------------------------------------------------------------------------- security.jwt
+
+
+def test_tokens_must_carry_exp_unless_switched_off(tmp_path: Path) -> None:
+    assert load(tmp_path).security.jwt.require_exp is True
+    assert load(tmp_path, env={"SECURITY_JWT_REQUIREEXP": "false"}).security.jwt.require_exp is False
+
+
+@pytest.mark.parametrize("url", ["localhost:5672", "http://mq:5672/", "amqp://mq:port/", "amqp:///vhost"])
+def test_the_rabbitmq_sink_refuses_a_url_it_cannot_use(url: str) -> None:
+    """Built around load_settings (tests, embedders): a configuration error at once, not a traceback per retry."""
+    from pydantic import SecretStr
+
+    from gate.events.rabbitmq import RabbitMQSink
+
+    usage = GateSettings().usage
+    usage = usage.model_copy(update={"rabbitmq": usage.rabbitmq.model_copy(update={"url": SecretStr(url)})})
+    with pytest.raises(ConfigError, match=r"^usage\.rabbitmq\.url: not an? "):
+        RabbitMQSink(usage)

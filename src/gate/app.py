@@ -6,11 +6,12 @@ This is the only module that knows every room; each room gets its settings and c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +32,7 @@ from gate.upstreams.keyfiles import KeyFiles
 from gate.upstreams.keys import KeyPool
 from gate.upstreams.probe import KeyProber
 
-__all__ = ["Gate", "run", "serve"]
+__all__ = ["Gate", "StartupError", "run", "serve"]
 
 log = logging.getLogger("gate")
 
@@ -40,6 +41,14 @@ _KNOWN_PATHS = {
     "/v1/messages/count_tokens": "POST",
     "/v1/models": "GET",
 }
+
+
+class StartupError(Exception):
+    """Gate could not start (a worker could not bind its port, ...); the message is one line for the operator."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -58,6 +67,7 @@ class Gate:
     health: Health = field(init=False)
     relay: Relay = field(init=False)
     key_files: KeyFiles | None = field(init=False, default=None)
+    management_port: int | None = field(init=False, default=None)  # bound, when /actuator/* has its own port
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -169,6 +179,9 @@ class Gate:
             self.key_files.start()
         if not self.keys:
             log.warning("no Anthropic API key is configured: /v1/* answers 503 until one is (see README)")
+
+    def announce_ready(self) -> None:
+        """The "ready" line: logged once every port is bound, never before."""
         log.info(
             "gate %s ready: upstream %s, %d key(s), usage publisher %s, profiles %s",
             __version__,
@@ -200,10 +213,13 @@ async def serve(
     on_gate: Callable[[Gate], None] | None = None,
     handle_signals: bool = True,
     telemetry: Telemetry | None = None,
+    announce: bool = True,
 ) -> None:
     """Run Gate until SIGTERM/SIGINT (or ``stop``), then drain in-flight requests and flush usage events.
 
-    ``telemetry`` replaces the one built from settings (tests pass one with in-memory exporters).
+    ``ready`` is called with the main port once every port is bound; ``announce=False`` leaves the "ready" log
+    line to the caller (the parent of ``--workers``). ``telemetry`` replaces the one built from settings (tests
+    pass one with in-memory exporters).
     """
     gate = Gate(settings, telemetry=telemetry)
     if on_gate is not None:
@@ -221,11 +237,27 @@ async def serve(
         if settings.management.server.port is not None:
             management = gate.http_server(gate.management_router())
             mgmt = settings.management.server
-            await management.listen(mgmt.host or server.host, mgmt.port or 0, reuse_port=True)
+            # Not shared with SO_REUSEPORT: each worker has a port of its own, so every worker can be scraped.
+            gate.management_port = await management.listen(mgmt.host or server.host, mgmt.port or 0)
     except BaseException:
+        await main.shutdown(0)
         await gate.stop()  # close the outbox, sessions and exporters before reporting the failure
         raise
-    log.info("listening on %s://%s:%d", "https" if server.ssl.enabled else "http", server.host, port)
+    scheme = "https" if server.ssl.enabled else "http"
+    if gate.management_port is not None:
+        mgmt_host = settings.management.server.host or server.host
+        log.info(
+            "listening on %s://%s:%d, management on http://%s:%d",
+            scheme,
+            server.host,
+            port,
+            mgmt_host,
+            gate.management_port,
+        )
+    else:
+        log.info("listening on %s://%s:%d", scheme, server.host, port)
+    if announce:
+        gate.announce_ready()
     if ready is not None:
         ready(port)
 
@@ -246,12 +278,15 @@ async def serve(
     log.info("stopped")
 
 
-def run(settings: GateSettings) -> None:
-    """Blocking entry point for ``gate serve``: one process, or ``server.workers`` sharing the port."""
+def run(settings: GateSettings) -> int:
+    """Blocking entry point for ``gate serve``: one process, or ``server.workers`` sharing the port; the exit code.
+
+    Raises OSError (one process) or :class:`StartupError` (workers) when Gate cannot start.
+    """
     if settings.server.workers > 1:
-        _run_workers(settings)
-        return
+        return _Workers(settings).run()
     _run_loop(serve(settings))
+    return 0
 
 
 def _run_loop(main: Any) -> None:
@@ -263,39 +298,182 @@ def _run_loop(main: Any) -> None:
         uvloop.run(main)
 
 
-def _run_workers(settings: GateSettings) -> None:
-    """One process per worker, all bound to the port with SO_REUSEPORT; each claims its own slot of the outbox
-    path (``outbox.Outbox``), and at start adopts the files no live process holds, whatever the worker count."""
-    import multiprocessing
+def worker_settings(settings: GateSettings, index: int) -> GateSettings:
+    """Worker ``index``'s settings: when a management port is set, port + index (so each worker's /actuator/* and
+    metrics can be reached; the main port is shared with SO_REUSEPORT). The outbox path stays the same: each
+    process claims its own slot of it (``outbox.Outbox``) and adopts the files no live process holds, whatever
+    the worker count."""
+    mgmt = settings.management.server
+    if not mgmt.port:  # none, or 0: an ephemeral port each, as logged
+        return settings
+    server = mgmt.model_copy(update={"port": mgmt.port + index})
+    return settings.model_copy(update={"management": settings.management.model_copy(update={"server": server})})
 
-    ctx = multiprocessing.get_context("spawn")
-    children = []
-    for index in range(settings.server.workers):
-        child = ctx.Process(target=_worker_main, args=(settings,), name=f"gate-worker-{index}")
-        child.start()
-        children.append(child)
 
-    def forward(signum: int, _frame: Any) -> None:
-        for child in children:
+class _Workers:
+    """``--workers N``: N spawned processes, each a whole Gate, all bound to the port with SO_REUSEPORT.
+
+    The parent says "ready" once every worker reported its ports bound, and exits non-zero with one line when
+    any worker cannot start (the others are stopped) or dies later: an orchestrator then restarts the whole.
+    """
+
+    def __init__(self, settings: GateSettings) -> None:
+        import multiprocessing
+
+        self._settings = settings
+        self._ctx = multiprocessing.get_context("spawn")
+        self._children: list[Any] = []
+        self._stopping = False
+
+    def run(self) -> int:
+        with self._shared_port() as settings:
+            self._settings = settings
+            return self._run()
+
+    @contextlib.contextmanager
+    def _shared_port(self) -> Iterator[GateSettings]:
+        """Settings whose port every worker can share: ``port: 0`` becomes one ephemeral port, held (bound with
+        SO_REUSEPORT, not listening, so it takes no connections) until the workers have bound it too."""
+        settings = self._settings
+        if settings.server.port != 0:
+            yield settings
+            return
+        with socket.socket(socket.AF_INET6 if ":" in settings.server.host else socket.AF_INET) as holder:
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            holder.bind((settings.server.host, 0))
+            server = settings.server.model_copy(update={"port": holder.getsockname()[1]})
+            yield settings.model_copy(update={"server": server})
+
+    def _run(self) -> int:
+        from multiprocessing.connection import wait
+
+        settings = self._settings
+        reports = []
+        signal.signal(signal.SIGTERM, self._forward)  # before the first child: none is left behind
+        signal.signal(signal.SIGINT, self._forward)
+        if self._settings.anthropic.api.key_files.dir is not None:  # else SIGHUP keeps its default meaning
+            signal.signal(signal.SIGHUP, self._forward_hup)
+        for index in range(settings.server.workers):
+            receive, send = self._ctx.Pipe(duplex=False)
+            child = self._ctx.Process(
+                target=_worker_main, args=(worker_settings(settings, index), index, send), name=f"gate-worker-{index}"
+            )
+            child.start()
+            send.close()
+            self._children.append(child)
+            reports.append(receive)
+
+        management: dict[int, int | None] = {}
+        failure: str | None = None
+        waiting = dict(enumerate(reports))
+        while waiting and failure is None and not self._stopping:
+            ready = wait([*waiting.values(), *(self._children[i].sentinel for i in waiting)])
+            for index, receive in list(waiting.items()):
+                if receive in ready:
+                    try:
+                        kind, detail = receive.recv()
+                    except EOFError:  # exited without a word (killed, or a crash it could not report)
+                        self._children[index].join()
+                        kind, detail = "gone", None
+                    if kind == "ready":
+                        management[index] = detail[1]
+                        del waiting[index]
+                    elif kind == "failed":
+                        failure = f"worker {index}: {detail}"
+                        break
+            for index in list(waiting):
+                child = self._children[index]
+                if failure is None and child.sentinel in ready and not child.is_alive() and not self._stopping:
+                    failure = f"worker {index} exited with code {child.exitcode} before it was ready"
+        if failure is not None:
+            self._stop_all()
+            raise StartupError(failure)
+        if not self._stopping:
+            self._announce(management)
+        return self._supervise()
+
+    def _announce(self, management: dict[int, int | None]) -> None:
+        settings = self._settings
+        server = settings.server
+        log.info(
+            "gate %s ready: %d workers listening on http://%s:%d, upstream %s, usage publisher %s, profiles %s",
+            __version__,
+            server.workers,
+            server.host,
+            server.port,
+            settings.anthropic.api.base_url,
+            settings.usage.publisher,
+            ",".join(settings.profiles),
+        )
+        if settings.management.server.port is None:
+            log.warning(
+                "with %d workers, /actuator/* on the main port answers for whichever worker takes the connection; "
+                "set management.server.port to reach each worker's health and metrics on a port of its own",
+                server.workers,
+            )
+        else:
+            host = settings.management.server.host or server.host
+            ports = ", ".join(f"worker {i} http://{host}:{port}" for i, port in sorted(management.items()))
+            log.info("management (health, /actuator/prometheus) per worker: %s", ports)
+
+    def _supervise(self) -> int:
+        """Wait for the workers; one that dies while Gate is not stopping stops the others."""
+        from multiprocessing.connection import wait
+
+        running = list(self._children)
+        code = 0
+        while running:
+            wait([child.sentinel for child in running])
+            for child in [c for c in running if not c.is_alive()]:
+                running.remove(child)
+                child.join()
+                if child.exitcode != 0 and not self._stopping:
+                    log.error("%s exited with code %s: stopping the other workers", child.name, child.exitcode)
+                    code = 1
+                    self._stop_all()
+                elif child.exitcode != 0:
+                    code = code or 1
+        return code
+
+    def _forward(self, signum: int, _frame: Any) -> None:
+        self._stopping = True
+        self._signal_all()
+
+    def _signal_all(self) -> None:
+        for child in self._children:
             if child.pid is not None and child.is_alive():
                 os.kill(child.pid, signal.SIGTERM)
 
-    def forward_hup(signum: int, _frame: Any) -> None:
-        for child in children:
+    def _forward_hup(self, signum: int, _frame: Any) -> None:
+        for child in self._children:
             if child.pid is not None and child.is_alive():
                 os.kill(child.pid, signal.SIGHUP)  # each worker re-reads its key files
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    if settings.anthropic.api.key_files.dir is not None:  # else SIGHUP keeps its default meaning for the workers
-        signal.signal(signal.SIGHUP, forward_hup)
-    for child in children:
-        child.join()
+    def _stop_all(self) -> None:
+        self._stopping = True
+        self._signal_all()
+        shutdown = self._settings.server.shutdown
+        for child in self._children:
+            child.join(shutdown.drain_timeout + shutdown.flush_timeout + 5)
+            if child.is_alive():
+                child.kill()
+                child.join()
 
 
-def _worker_main(settings: GateSettings) -> None:
+def _worker_main(settings: GateSettings, index: int, report: Any) -> None:
+    """One worker: run Gate, tell the parent "ready" (with the management port) or why it could not start."""
     from gate.ops.logs import configure_logging
+    from gate.settings import ConfigError
 
     logging_settings = settings.observability.logging
     configure_logging(logging_settings.format, logging_settings.level)
-    _run_loop(serve(settings))
+    gates: list[Gate] = []
+
+    def ready(port: int) -> None:
+        report.send(("ready", (port, gates[0].management_port if gates else None)))
+
+    try:
+        _run_loop(serve(settings, ready=ready, on_gate=gates.append, announce=False))
+    except (OSError, ConfigError) as exc:  # the parent prints one line for all; no traceback per worker
+        report.send(("failed", str(exc)))
+        raise SystemExit(2 if isinstance(exc, ConfigError) else 1) from None

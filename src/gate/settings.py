@@ -3,11 +3,14 @@
 Every leaf can be overridden from the environment in Spring Boot's relaxed form (upper case, dots and list
 brackets become ``_``, dashes dropped: ``anthropic.api.keys[0].value`` is ``ANTHROPIC_API_KEYS_0_VALUE``) or by
 its literal property name. ``NAME_FILE`` reads the value from a file (Kubernetes secret mounts), as does a
-``${file:/path}`` placeholder in YAML. Errors name the key and the file or variable it came from.
+``${file:/path}`` placeholder in YAML. Placeholders are expanded in YAML only: a value from the environment or a
+secret file is used as it is. Errors (unknown keys, wrong types, URLs and durations Gate cannot use) name the key
+and the file or variable it came from.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -16,9 +19,11 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -30,16 +35,30 @@ from pydantic import (
 )
 
 __all__ = [
+    "SEED_PROFILES",
     "ConfigError",
+    "ConfigSources",
     "GateSettings",
+    "KeyPath",
+    "amqp_url_problem",
+    "known_profiles",
     "load_settings",
+    "load_with_sources",
     "parse_duration",
     "parse_size",
 ]
 
 
 class ConfigError(Exception):
-    """The configuration cannot be used; the message names the key and where it came from."""
+    """The configuration cannot be used; the message names the key and where it came from.
+
+    ``sources`` is what the loader had merged by then (None when it got no further than reading a file), so
+    that ``gate config`` can still show it beside the errors.
+    """
+
+    def __init__(self, message: str, sources: ConfigSources | None = None) -> None:
+        super().__init__(message)
+        self.sources = sources
 
 
 # ---------------------------------------------------------------------------------------------- value types
@@ -86,8 +105,46 @@ def parse_size(value: Any) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "b").lower()])
 
 
+def _at_least(minimum: float, why: str) -> AfterValidator:
+    """A duration floor: zero (or a few microseconds) is a value Gate cannot work with, and says why."""
+
+    def check(seconds: float) -> float:
+        if seconds < minimum or seconds <= 0:
+            floor = "more than 0" if minimum <= 0 else f"at least {minimum * 1000:g}ms"
+            raise ValueError(f"must be {floor}: {why}")
+        return seconds
+
+    return AfterValidator(check)
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+# Positive: a zero timeout or interval fails every request (stream-idle: 0 cuts every stream) or spins a loop.
+PositiveDuration = Annotated[float, BeforeValidator(parse_duration), _at_least(0, "0 would expire at once")]
 Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+def _http_url_problem(value: str) -> str | None:
+    """Why ``value`` is not an absolute http(s) URL with a host, or None."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number or out of range
+    except ValueError:
+        return "not a URL (a port that is not a number?)"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "not an http(s) URL with a host, such as https://idp.example.com/.well-known/jwks.json"
+    return None
+
+
+def amqp_url_problem(value: str) -> str | None:
+    """Why ``value`` is not an AMQP URL the RabbitMQ client can use, or None (shared with the sink)."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number or out of range
+    except ValueError:
+        return "not a URL (a port that is not a number?)"
+    if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+        return "not an AMQP URL: use amqp://user:password@host:5672/vhost (or amqps://)"
+    return None
 
 
 def _kebab(name: str) -> str:
@@ -112,12 +169,12 @@ class LimitsSettings(_Section):
     max_body_size: Size = 32 * 1024 * 1024
     # Above security.jwt.max-token-length, so an oversized token reaches auth and gets its clean 401.
     max_header_size: Size = 64 * 1024
-    header_timeout: Duration = 10.0  # a request whose headers have not all arrived by then: 408 / closed
-    body_timeout: Duration = 60.0  # a body that stops arriving: 408
+    header_timeout: PositiveDuration = 10.0  # a request whose headers have not all arrived by then: 408 / closed
+    body_timeout: PositiveDuration = 60.0  # a body that stops arriving: 408
     # A client that takes no bytes of a streamed answer for this long is cut off (usage status client_timeout);
     # distinct from upstream's silence (anthropic.api.timeouts.stream-idle), which is Anthropic's fault.
-    send_timeout: Duration = 120.0
-    keep_alive_timeout: Duration = 75.0
+    send_timeout: PositiveDuration = 120.0
+    keep_alive_timeout: PositiveDuration = 75.0
 
 
 class SslSettings(_Section):
@@ -179,9 +236,12 @@ class ClaimSettings(_Section):
 class JwtSettings(_Section):
     jwk_set_uri: str | None = None
     leeway: Duration = 60.0
-    refresh: Duration = 300.0
+    refresh: PositiveDuration = 300.0
     min_refresh_interval: Duration = 10.0  # unknown-kid refreshes are at most this often
-    fetch_timeout: Duration = 5.0
+    fetch_timeout: PositiveDuration = 5.0
+    # A token without `exp` would be good forever once issued (and cached 5 minutes at a time): refused unless
+    # an identity provider that never sets `exp` is switched on deliberately.
+    require_exp: bool = True
     issuer: str | None = None
     audiences: list[str] = []
     cache_size: int = Field(10_000, ge=0)
@@ -194,6 +254,14 @@ class JwtSettings(_Section):
     def _blank_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("jwk_set_uri")
+    @classmethod
+    def _jwks_url(cls, value: str | None) -> str | None:
+        problem = None if value is None else _http_url_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
 
 class SecuritySettings(_Section):
     jwt: JwtSettings = JwtSettings()
@@ -205,16 +273,16 @@ class ApiKey(_Section):
 
 
 class TimeoutSettings(_Section):
-    connect: Duration = 10.0
-    response_headers: Duration = 600.0
-    stream_idle: Duration = 300.0
+    connect: PositiveDuration = 10.0
+    response_headers: PositiveDuration = 600.0
+    stream_idle: PositiveDuration = 300.0
 
 
 class KeyHealthSettings(_Section):
     rate_limit_cooldown: Duration = 30.0  # when a 429 carries no retry-after
     max_cooldown: Duration = 3600.0
-    quarantine: Duration = 3600.0  # longest rest of a key Anthropic rejected (401), between background probes
-    probe_interval: Duration = 30.0  # first re-probe of a quarantined key after the immediate one; doubles
+    quarantine: PositiveDuration = 3600.0  # longest rest of a key Anthropic rejected (401), between background probes
+    probe_interval: PositiveDuration = 30.0  # first re-probe of a quarantined key after the immediate one; doubles
 
 
 class RetrySettings(_Section):
@@ -240,6 +308,12 @@ class AnthropicApiSettings(_Section):
     key_files: KeyFilesSettings = KeyFilesSettings()
     default_version: str = "2023-06-01"
     pool_size: int = Field(0, ge=0)  # 0: unlimited connections to upstream
+    # An idle connection is reused this long at most, so Gate lets go of it before a load balancer or proxy on the
+    # way closes it under a request (the smallest common idle limits are 5 s: Node.js, Apache, uvicorn). 0: never.
+    pool_idle_timeout: Duration = 4.0
+    # Bytes of header names and values in one upstream response head (and at most 128 fields); more is a 502.
+    # 16 KB is what Node's HTTP parser, hence Claude Code, reads by default: a larger head would not reach it.
+    max_response_header_size: Size = Field(16 * 1024, ge=1024)
     use_env_proxy: bool = True  # honour HTTPS_PROXY / NO_PROXY (corporate egress proxies)
     timeouts: TimeoutSettings = TimeoutSettings()
     key_health: KeyHealthSettings = KeyHealthSettings()
@@ -248,8 +322,20 @@ class AnthropicApiSettings(_Section):
     @field_validator("base_url")
     @classmethod
     def _url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError(f"not an http(s) URL: {value!r}")
+        """An origin, optionally with a path prefix for a reverse proxy in front of Anthropic
+        (``https://egress.example.com/anthropic``), which the client puts before every request's path. The
+        client's own path already starts with ``/v1``, so a base URL ending in ``/v1`` would call ``/v1/v1/...``
+        and every call would be a 404; user info, a query or a fragment would be silently dropped."""
+        problem = _http_url_problem(value)
+        if problem:
+            raise ValueError(problem.replace("idp.example.com/.well-known/jwks.json", "api.anthropic.com"))
+        parts = urlsplit(value)
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("user info (user:password@) is not sent upstream; Gate injects the Anthropic key")
+        if parts.query or parts.fragment:
+            raise ValueError("a base URL takes no query or fragment")
+        if re.search(r"/v1(/|$)", parts.path):
+            raise ValueError("leave out /v1: Gate forwards the client's path, which starts with /v1 already")
         return value.rstrip("/")
 
     @field_validator("keys")
@@ -277,8 +363,8 @@ class CircuitBreakerSettings(_Section):
     minimum_number_of_calls: int = Field(20, ge=1)
     failure_rate_threshold: float = Field(50.0, gt=0, le=100)
     slow_call_rate_threshold: float = Field(100.0, gt=0, le=100)
-    slow_call_duration_threshold: Duration = 30.0
-    wait_duration_in_open_state: Duration = 60.0
+    slow_call_duration_threshold: PositiveDuration = 30.0
+    wait_duration_in_open_state: PositiveDuration = 60.0
     permitted_number_of_calls_in_half_open_state: int = Field(10, ge=1)
 
 
@@ -289,14 +375,22 @@ class ResilienceSettings(_Section):
 class RabbitMQSettings(_Section):
     url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
     routing_key: str = "usage"
-    confirm_timeout: Duration = 10.0
+    confirm_timeout: PositiveDuration = 10.0
+
+    @field_validator("url")
+    @classmethod
+    def _amqp_url(cls, value: SecretStr) -> SecretStr:
+        problem = amqp_url_problem(value.get_secret_value())
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 class PubSubSettings(_Section):
     project_id: str = "gate-local"
     emulator_host: str | None = None  # else PUBSUB_EMULATOR_HOST, else Google's endpoint
     create_topic: bool = False
-    publish_timeout: Duration = 10.0  # the client retries transient errors this long; then the outbox retries
+    publish_timeout: PositiveDuration = 10.0  # the client retries transient errors this long; then the outbox retries
 
 
 class FileSinkSettings(_Section):
@@ -307,10 +401,12 @@ class OutboxSettings(_Section):
     path: str = "./data/usage-outbox.sqlite3"
     max_events: int = Field(1_000_000, ge=1)
     alarm_ratio: float = Field(0.8, gt=0, le=1)  # health turns DOWN/alarm at this fraction of max-events
-    commit_interval: Duration = 0.025  # events are durable within about this (SIGKILL loses ~2x this at most)
+    # Events are durable within about this (SIGKILL loses ~2x this at most). The writer thread wakes this often
+    # even when idle: at 0 an idle Gate spent 70 % of a core.
+    commit_interval: Annotated[Duration, _at_least(0.005, "the outbox writer wakes this often, even when idle")] = 0.025
     batch_size: int = Field(500, ge=1)
-    retry_initial: Duration = 0.5
-    retry_max: Duration = 30.0
+    retry_initial: PositiveDuration = 0.5
+    retry_max: PositiveDuration = 30.0
 
 
 class UsageSettings(_Section):
@@ -368,35 +464,37 @@ class GateSettings(_Section):
         return jwt.jwk_set_uri is None and "local" in self.profiles and jwt.dev.enabled
 
     def masked(self) -> dict[str, Any]:
-        """The effective configuration as plain data, every secret replaced by ``******``."""
-        data: dict[str, Any] = _mask(self.model_dump(mode="json", by_alias=True, exclude={"sources"}))
+        """The effective configuration as plain data, every secret masked (:func:`gate.ops.redact.mask_config`)."""
+        from gate.ops.redact import mask_config
+
+        data: dict[str, Any] = mask_config(self.model_dump(mode="python", by_alias=True, exclude={"sources"}))
         return data
-
-
-_SECRET_NAMES = re.compile(r"(^|-)(value|password|secret|token)$")
-# The user info of any URL: a jwk-set-uri or base-url may carry credentials although they are plain strings.
-_URL_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/@\s]+)@")
-
-
-def _mask_userinfo(match: re.Match[str]) -> str:
-    user, colon, _password = match.group(2).partition(":")
-    # user:password keeps the user; a lone user info is often a token (https://<token>@host), so all of it goes
-    return f"{match.group(1)}{user}:******@" if colon else f"{match.group(1)}******@"
-
-
-def _mask(data: Any, key: str = "") -> Any:
-    if isinstance(data, dict):
-        return {k: _mask(v, k) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_mask(v, key) for v in data]
-    if not isinstance(data, str) or not data:
-        return data
-    if data == "**********" or _SECRET_NAMES.search(key):  # SecretStr dumps as ten stars
-        return "******"
-    return _URL_USERINFO.sub(_mask_userinfo, data)
 
 
 # ---------------------------------------------------------------------------------------------- loading
+
+# The environments the seed deployment names; a profile outside these, the packaged ones and ./config/'s is
+# probably a typo (`--profile prdo`) and is warned about, not refused: a profile may exist only to be named.
+SEED_PROFILES: tuple[str, ...] = ("lab", "sit", "uat", "prod", "gcp", "local")
+
+KeyPath = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class ConfigSources:
+    """What the loader merged (plain data, before validation) and, for every leaf, where it came from."""
+
+    data: Mapping[str, Any]
+    origin: Mapping[KeyPath, str]
+    warnings: tuple[str, ...] = ()
+
+    def source_of(self, path: KeyPath) -> str:
+        """The file or variable that set ``path`` (or the list holding it); ``default`` when none did."""
+        for length in range(len(path), 0, -1):
+            found = self.origin.get(path[:length])
+            if found:
+                return found
+        return "default"
 
 
 @dataclass
@@ -449,6 +547,34 @@ def _leaf_paths(value: Any, path: tuple[str | int, ...]) -> Iterator[tuple[str |
             yield from _leaf_paths(v, (*path, i))
     else:
         yield path
+
+
+_PLACEHOLDER_NAME = re.compile(r"\$\{(?!file:)([^}:]+)")
+
+
+def _placeholder_origins(raw: Any, env: Mapping[str, str], source: str) -> Iterator[tuple[KeyPath, str]]:
+    """``source via ${NAME}`` for each leaf a set variable filled in (``source, ${NAME} unset`` when its default
+    did): the file alone would not tell the operator which variable to look at."""
+    for path, value in _leaves(raw, ()):
+        if not isinstance(value, str) or "${" not in value:
+            continue
+        names = list(dict.fromkeys(name.strip() for name in _PLACEHOLDER_NAME.findall(value)))
+        used = [name for name in names if env.get(name)]
+        if used:
+            yield path, f"{source} via {', '.join(f'${{{name}}}' for name in used)}"
+        elif names:
+            yield path, f"{source}, {', '.join(f'${{{name}}}' for name in names)} unset"
+
+
+def _leaves(value: Any, path: KeyPath) -> Iterator[tuple[KeyPath, Any]]:
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            yield from _leaves(v, (*path, str(k)))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _leaves(v, (*path, i))
+    else:
+        yield path, value
 
 
 def _resolve(value: Any, env: Mapping[str, str], where: str) -> Any:
@@ -655,6 +781,31 @@ def load_settings(
     overrides: Mapping[str, Any] | None = None,
 ) -> GateSettings:
     """Load the layered configuration; raise :class:`ConfigError` naming key and source on any mistake."""
+    return load_with_sources(config_files, profiles, env, config_dir, overrides)[0]
+
+
+def known_profiles(config_dir: str | Path = "config") -> list[str]:
+    """Profiles with a packaged or ./config/ file, and the seed's environment names."""
+    names = set(SEED_PROFILES)
+    packaged = resources.files("gate").joinpath("config")
+    files = [entry.name for entry in packaged.iterdir()]
+    with contextlib.suppress(OSError):
+        files += [entry.name for entry in Path(config_dir).iterdir()]
+    for name in files:
+        match = re.fullmatch(r"application-(.+)\.ya?ml", name)
+        if match:
+            names.add(match.group(1))
+    return sorted(names)
+
+
+def load_with_sources(
+    config_files: list[str] | None = None,
+    profiles: list[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_dir: str | Path = "config",
+    overrides: Mapping[str, Any] | None = None,
+) -> tuple[GateSettings, ConfigSources]:
+    """:func:`load_settings`, with where each value came from and warnings (an unknown profile name)."""
     env = dict(os.environ if env is None else env)
     active = active_profiles(profiles, env)
     layers = _Layers()
@@ -663,7 +814,9 @@ def load_settings(
     def add(text: str | None, source: str) -> None:
         if text is None:
             return
-        layers.merge(_resolve(_read_yaml(text, source), env, source), source)
+        raw = _read_yaml(text, source)
+        layers.merge(_resolve(raw, env, source), source)
+        layers.origin.update(_placeholder_origins(raw, env, source))
         sources.append(source)
 
     add(_packaged("application.yaml"), "packaged application.yaml")
@@ -681,27 +834,59 @@ def load_settings(
         add(text, file)
     for path, value, var in _env_overrides(env):
         where = f"environment variable {var}"
-        _set_path(layers.data, path, _resolve(_coerce_env(value, path), env, where))
+        # Literal: a key or a password may contain `${` (placeholders are for YAML files only).
+        _set_path(layers.data, path, _coerce_env(value, path))
         for stale in [p for p in layers.origin if p[: len(path)] == path]:
             del layers.origin[stale]
         layers.origin[path] = where
         sources.append(where)
     if overrides:
-        layers.merge(overrides, "overrides")
+        layers.merge(overrides, "command line")
 
     data = dict(layers.data)
     data["profiles"] = active
     data["sources"] = tuple(dict.fromkeys(sources))
+    layers.origin[("profiles",)] = (
+        "--profile" if profiles else "environment variable GATE_PROFILES" if env.get("GATE_PROFILES") else "default"
+    )
+    known = known_profiles(config_path)
+    warnings = tuple(
+        f"unknown profile {name!r}: no application-{name}.yaml and not one of the known profiles "
+        f"({', '.join(known)}); check the spelling"
+        for name in active
+        if name not in known
+    )
+    found = ConfigSources({**layers.data, "profiles": list(active)}, layers.origin, warnings)
     try:
         settings = GateSettings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_explain(exc, layers.origin)) from None
+        raise ConfigError(_explain(exc, layers.origin), found) from None
     if not settings.dev_auth and settings.security.jwt.jwk_set_uri is None:
         raise ConfigError(
             "security.jwt.jwk-set-uri is not set: outside the `local` profile Gate refuses to start without a "
-            "JWKS (set SECURITY_JWT_JWKSETURI or security.jwt.jwk-set-uri)"
+            "JWKS (set SECURITY_JWT_JWKSETURI or security.jwt.jwk-set-uri)",
+            found,
         )
-    return settings
+    _check_ports(settings, layers.origin, found)
+    return settings, found
+
+
+def _check_ports(settings: GateSettings, origin: Mapping[KeyPath, str], found: ConfigSources) -> None:
+    """With ``--workers N`` worker i's management port is ``management.server.port + i``: the range must fit."""
+    server, management = settings.server, settings.management.server
+    if not management.port:
+        return
+    last = management.port + server.workers - 1
+    where = f"[from {_origin_of(('management', 'server', 'port'), origin)}]"
+    if last > 65535:
+        raise ConfigError(
+            f"management.server.port: {management.port} + {server.workers} workers passes port 65535 {where}", found
+        )
+    if management.port <= server.port <= last:
+        span = f"{management.port}-{last}" if last > management.port else str(management.port)
+        raise ConfigError(
+            f"management.server.port: its ports ({span}) include server.port {server.port} {where}", found
+        )
 
 
 def _read_optional(path: Path) -> str | None:
@@ -737,27 +922,26 @@ def _explain(exc: ValidationError, origin: Mapping[tuple[str | int, ...], str]) 
         if error["type"] == "extra_forbidden":
             message = "unknown key"
         else:
-            message = error["msg"]
-            if "input" in error and not _looks_secret(key):
-                message += _shown_input(error["input"])
+            message = error["msg"].removeprefix("Value error, ")
+            if "input" in error:
+                message += _shown_input(key, error["input"])
         lines.append(f"  {key}: {message} [from {source}]")
     return "\n".join(lines)
 
 
-def _looks_secret(key: str) -> bool:
-    return bool(re.search(r"(value|password|secret|token|url)$", key))
+def _shown_input(key: str, value: Any) -> str:
+    """`` (got ...)`` for a short scalar, masked by the one rule (:mod:`gate.ops.redact`); nothing for a secret
+    key's value or for a section or list (too big to help, and it may hold secrets)."""
+    from gate.ops.redact import is_secret_key, mask_url, redact
 
-
-_CREDENTIAL = re.compile(r"sk-ant-|eyJ[A-Za-z0-9_-]*\.|://[^/\s]*@", re.IGNORECASE)
-
-
-def _shown_input(value: Any) -> str:
-    """`` (got ...)`` for a short scalar that cannot be a credential; nothing for anything else."""
     if value is not None and not isinstance(value, str | int | float | bool):
-        return ""  # a whole section or list: too big to be useful, and it may hold secrets
-    text = repr(value)
-    if _CREDENTIAL.search(text):
         return ""
+    if is_secret_key(key.rsplit(".", 1)[-1]):
+        return ""
+    if isinstance(value, str):
+        # A URL's user info is masked even without a scheme: `guest:secret@broker` is the mistake being reported.
+        value = mask_url(value) if re.search(r"(url|uri)$", key) else redact(value)
+    text = repr(value)
     return f" (got {text[:80]}{'...' if len(text) > 80 else ''})"
 
 
@@ -777,4 +961,4 @@ def _origin_of(loc: tuple[Any, ...], origin: Mapping[tuple[str | int, ...], str]
         for path, source in origin.items():
             if path[:length] == tuple(loc[:length]):
                 return source
-    return "defaults"
+    return "default"

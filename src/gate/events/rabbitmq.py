@@ -45,7 +45,7 @@ from yarl import URL
 from gate.events.envelope import STRUCTURED_CONTENT_TYPE, to_binary
 from gate.events.outbox import PendingEvent
 from gate.events.sink import SendResult, SinkUnavailable, describe_error
-from gate.settings import UsageSettings
+from gate.settings import ConfigError, UsageSettings, amqp_url_problem
 
 __all__ = ["AMQP_ATTRIBUTE_PREFIX", "RabbitMQSink"]
 
@@ -72,6 +72,9 @@ class RabbitMQSink:
 
     def __init__(self, settings: UsageSettings) -> None:
         self._url = settings.rabbitmq.url.get_secret_value()
+        problem = amqp_url_problem(self._url)
+        if problem:  # aiormq would raise ValueError on every reconnect, a traceback per retry
+            raise ConfigError(f"usage.rabbitmq.url: {problem}")
         self._secrets = (self._url, URL(self._url).password or "")
         self._exchange_name = settings.destination
         self._routing_key = settings.rabbitmq.routing_key

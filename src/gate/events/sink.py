@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from gate.events.outbox import PendingEvent
+from gate.ops.redact import redact
 
 __all__ = ["SendResult", "Sink", "SinkUnavailable", "describe_error"]
 
@@ -52,15 +52,8 @@ class Sink(Protocol):
     async def close(self) -> None: ...
 
 
-_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]*@")
-
-
 def describe_error(exc: BaseException, *secrets: str) -> str:
     """``ExceptionType: message`` with URL credentials and any of ``secrets`` masked, for logs and health."""
-    text = str(exc).strip()
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "******")
-    text = _USERINFO.sub(r"\g<scheme>******@", text)
+    text = redact(str(exc).strip(), *secrets)  # gate.ops.redact: the one masking rule
     name = type(exc).__name__
     return f"{name}: {text}" if text else name

@@ -2,6 +2,7 @@
 
 - ``gate.http.server``: ``HttpServer``, ``Router``, ``Request``, ``Response``, ``StreamResponse`` (the listening side:
   framing, limits, deadlines, flow control).
-- ``gate.http.client``: ``Pool``, ``UpstreamResponse``, ``ClientError``, ``ConnectError`` (pooled keep-alive
-  connections to one origin, TLS, egress proxies).
+- ``gate.http.client``: ``Pool``, ``UpstreamResponse``, ``ClientError``, ``ConnectError``, ``ResponseHeadTooLarge``
+  (pooled keep-alive connections to one origin, TLS, egress proxies, limits on what upstream sends).
+- ``gate.http.headers``: ``decode_fields``, ``content_length`` (header fields read alike on both sides).
 """

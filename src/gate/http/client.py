@@ -7,7 +7,29 @@ from ~9,100 to ~20,000 JSON requests/s on one core when aiohttp's ``ClientSessio
 protocol on the same parser (``benchmarks/ANALYSIS.md``): about 60 us per call, a third of Gate's whole budget,
 spent on machinery a gateway to a single origin does not use (cookies, redirects, auth helpers, payload
 registries, tracing hooks, per-request URL and timer objects). What must be exact, the response framing, stays
-with llhttp; this module owns the pool, the request bytes, and flow control of response bodies.
+with llhttp; this module owns the pool, the request bytes, flow control of response bodies, and the limits on
+what upstream may send.
+
+When a request is sent twice. Servers, load balancers and egress proxies close keep-alive connections that
+stayed idle, and a request written as the close is on its way meets a connection that is gone. So ``Pool.request``
+sends a request a second time, once, on a newly opened connection, exactly when all of these hold:
+
+- the first attempt went out on a connection reused from the pool (never on one opened for it);
+- that connection ended (FIN, RST, a failed write) or was found closed before the request could be written;
+- not one byte of a response had arrived on it since the request was written;
+- the caller had not given up (a cancellation is never retried).
+
+Otherwise the failure is the caller's: ``ConnectError`` when nothing can have been sent, ``ClientError`` when the
+request may have reached upstream. The rule has one blind spot, shared by every HTTP/1.1 client that retries: an
+upstream that accepts a request and then drops the connection without a byte of answer receives it twice. Idle
+connections live ``idle_timeout`` seconds at most (below the idle limits of common load balancers), which keeps
+the race rare; a connection that its peer closes while idle, or that receives bytes nobody asked for (the rest of
+an over-long body, a second answer), is dropped at once and never reused.
+
+Response heads are limited as request heads are at the server: at most ``MAX_FIELDS`` fields and
+``max_head_size`` bytes of names and values, else ``ResponseHeadTooLarge``. httptools gathers a field whole before
+it hands it over, so the bytes received before the final head completes (interim ``1xx`` answers included) are
+also capped, at twice that size: a field that never ends holds no more memory than that.
 """
 
 from __future__ import annotations
@@ -15,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 import ssl
 from collections import deque
 from collections.abc import Iterable
@@ -22,12 +45,15 @@ from typing import cast
 from urllib.parse import unquote, urlsplit
 
 import httptools
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDictProxy
 
-__all__ = ["ClientError", "ConnectError", "ConnectTimeout", "Pool", "UpstreamResponse"]
+from gate.http.headers import MAX_FIELDS, content_length, decode_fields
+
+__all__ = ["ClientError", "ConnectError", "ConnectTimeout", "Pool", "ResponseHeadTooLarge", "UpstreamResponse"]
+
+log = logging.getLogger("gate.client")
 
 _HIGH_WATER = 256 * 1024  # buffered response bytes at which the connection stops reading
-_IDLE_KEEP = 30.0  # an idle pooled connection older than this is closed rather than reused
 
 
 class ClientError(Exception):
@@ -40,6 +66,18 @@ class ConnectError(ClientError):
 
 class ConnectTimeout(ConnectError):
     """Connecting (pool slot, TCP, proxy CONNECT, TLS) took longer than the connect timeout."""
+
+
+class ResponseHeadTooLarge(ClientError):
+    """Upstream's response head has more fields, or more bytes, than the client accepts."""
+
+
+class _StaleConnection(ClientError):
+    """A reused connection ended before a byte of the response arrived: the request goes again on a fresh one."""
+
+
+class _UnaskedBytes(Exception):
+    """Raised from a parser callback: a response began that no request asked for."""
 
 
 class UpstreamResponse:
@@ -64,8 +102,7 @@ class UpstreamResponse:
         self._conn: _Connection | None = conn
         self.status = status
         self.headers = headers
-        length = headers.get("content-length")
-        self.content_length = int(length) if length is not None and length.isdigit() else None
+        self.content_length = content_length(headers.get("content-length"))
         self._chunks: list[bytes] = []
         self._size = 0
         self._done = False
@@ -133,15 +170,26 @@ class UpstreamResponse:
 
 
 class _Connection(asyncio.Protocol):
-    """One keep-alive connection; one request at a time."""
+    """One keep-alive connection; one request at a time.
+
+    ``in_flight`` runs from writing a request to the end of its final response: bytes that arrive outside it were
+    not asked for, and end the connection.
+    """
 
     __slots__ = (
+        "_field_bytes",
+        "_fields",
+        "_head_bytes",
+        "_head_done",
         "_head_waiter",
         "_headers",
         "_parser",
         "_pool",
+        "_received",
         "_response",
+        "exchanges",
         "idle_since",
+        "in_flight",
         "reading_paused",
         "reusable",
         "transport",
@@ -157,6 +205,13 @@ class _Connection(asyncio.Protocol):
         self.reading_paused = False
         self.reusable = True
         self.idle_since = 0.0
+        self.exchanges = 0  # requests written on this connection: more than one means it was reused
+        self.in_flight = False
+        self._received = False  # a byte of the current request's response has arrived
+        self._head_done = False  # the current request's final response head is complete
+        self._head_bytes = 0  # bytes received for the current request while its final head was incomplete
+        self._fields = 0
+        self._field_bytes = 0
 
     # ------------------------------------------------------------------------------------------- asyncio
 
@@ -174,35 +229,62 @@ class _Connection(asyncio.Protocol):
             and "chunked" not in response.headers.get("transfer-encoding", "").lower()
         ):
             response._finish()  # neither length nor chunks: the body ends with the connection (RFC 9112 6.3)
-        self._broke("the connection to upstream closed")
+        if self.in_flight and not self._received and self.exchanges > 1:
+            self._broke(_StaleConnection("the reused connection to upstream closed before any answer"))
+        else:
+            self._broke(ClientError("the connection to upstream closed"))
         self._pool.forget(self)
 
     def data_received(self, data: bytes) -> None:
+        if not self.in_flight:
+            log.info("dropped an upstream connection that sent %d bytes no request asked for", len(data))
+            self.discard()
+            return
+        self._received = True
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._break(ClientError("upstream switched protocols (101), which Gate never asks for"))
+        except httptools.HttpParserCallbackError as exc:  # what a callback raised is its __context__
+            cause = exc.__context__
+            if isinstance(cause, _UnaskedBytes):
+                log.info("dropped an upstream connection that sent bytes after its answer")
+                self.discard()
+            elif isinstance(cause, ClientError):
+                self._break(cause)
+            else:
+                self._break(ClientError("upstream sent a malformed response"))
         except httptools.HttpParserError:
-            self.reusable = False
-            self._broke("upstream sent a malformed response")
-            self.abort()
+            self._break(ClientError("upstream sent a malformed response"))
+        else:
+            if not self._head_done:
+                self._head_bytes += len(data)
+                if self._head_bytes > 2 * self._pool.max_head_size:
+                    self._break(self._head_too_large())
 
     # ------------------------------------------------------------------------------------------- parser callbacks
 
     def on_message_begin(self) -> None:
+        if not self.in_flight:
+            raise _UnaskedBytes()  # the rest of an over-long body, or an answer to nothing
         self._headers = []
+        self._fields = 0
+        self._field_bytes = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._fields += 1
+        self._field_bytes += len(name) + len(value)
+        if self._fields > MAX_FIELDS or self._field_bytes > self._pool.max_head_size:
+            raise self._head_too_large()
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
         if 100 <= status < 200:
-            return  # an interim answer (100 Continue, 103 Early Hints): the real one follows
-        headers = CIMultiDictProxy(
-            CIMultiDict(
-                [(name.decode("latin-1"), value.decode("utf-8", "surrogateescape")) for name, value in self._headers]
-            )
-        )
+            return  # an interim answer (100 Continue, 103 Early Hints): the real one follows; a 101 raises next
+        headers = decode_fields(self._headers)
         self._headers = []
+        self._head_done = True
         response = UpstreamResponse(self, status, headers)
         self._response = response
         if not self._parser.should_keep_alive():
@@ -220,6 +302,7 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self._parser.get_status_code() < 200:
             return
+        self.in_flight = False
         response = self._response
         if response is not None:
             response._finish()
@@ -227,11 +310,24 @@ class _Connection(asyncio.Protocol):
     # ------------------------------------------------------------------------------------------- requests
 
     async def send(self, payload: bytes) -> UpstreamResponse:
-        """Write one request; return its response once the headers are in."""
-        assert self.transport is not None
+        """Write one request; return its response once the headers are in.
+
+        A connection found closed before the request could be written raises ``_StaleConnection`` when it was
+        reused and ``ConnectError`` when it is new (a peer that closes as it accepts): in both cases nothing went.
+        """
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            self.reusable = False
+            if self.exchanges:
+                raise _StaleConnection("the reused connection to upstream closed before the request was sent")
+            raise ConnectError("the connection to upstream closed before the request was sent")
+        self.exchanges += 1
+        self.in_flight = True
+        self._received = self._head_done = False
+        self._head_bytes = 0
         self._response = None
         self._head_waiter = asyncio.get_running_loop().create_future()
-        self.transport.write(payload)
+        transport.write(payload)
         try:
             return await self._head_waiter
         finally:
@@ -243,29 +339,62 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def finished(self, *, reusable: bool) -> None:
-        if reusable and self.reusable and self.transport is not None and not self.reading_paused:
+        if reusable and self.reusable and not self.in_flight and self.transport is not None and not self.reading_paused:
             self._response = None
             self._pool.put_back(self)
         else:
-            self.reusable = False
-            self.abort()
+            self.discard()
 
-    def abort(self) -> None:
+    def usable(self) -> bool:
+        return self.reusable and self.transport is not None and not self.transport.is_closing()
+
+    def discard(self) -> None:
+        """Never to be used again; closed at once (upstream sees a reset if it was still answering)."""
+        self.reusable = False
         if self.transport is not None:
             self.transport.abort()
 
-    def _broke(self, message: str) -> None:
+    def close(self) -> None:
+        """Closed politely: an idle connection past its time."""
+        self.reusable = False
+        if self.transport is not None:
+            self.transport.close()
+
+    def _head_too_large(self) -> ResponseHeadTooLarge:
+        return ResponseHeadTooLarge(
+            f"upstream's response head exceeds {MAX_FIELDS} fields or {self._pool.max_head_size} bytes"
+        )
+
+    def _break(self, error: ClientError) -> None:
+        """The exchange cannot go on: its caller gets ``error``, the connection is dropped."""
+        self._broke(error)
+        self.discard()
+
+    def _broke(self, error: ClientError) -> None:
         waiter = self._head_waiter
         if waiter is not None and not waiter.done():
-            waiter.set_exception(ClientError(message))
+            waiter.set_exception(error)
         if self._response is not None:
-            self._response._fail(ClientError(message))
+            self._response._fail(error)
 
 
 class Pool:
-    """Keep-alive connections to one origin, at most ``limit`` of them (0: no limit)."""
+    """Keep-alive connections to one origin, at most ``limit`` of them (0: no limit).
 
-    def __init__(self, base_url: str, *, limit: int, connect_timeout: float, proxy: str | None = None) -> None:
+    An idle connection is reused for ``idle_timeout`` seconds at most (0: never); response heads may hold
+    ``max_head_size`` bytes of field names and values.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        limit: int,
+        connect_timeout: float,
+        proxy: str | None = None,
+        idle_timeout: float = 4.0,
+        max_head_size: int = 16 * 1024,
+    ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {base_url}")
@@ -279,10 +408,12 @@ class Pool:
         self._origin = f"{parts.scheme}://{self._authority}"
         self._limit = limit
         self._connect_timeout = connect_timeout
+        self._idle_timeout = idle_timeout
+        self.max_head_size = max_head_size
         self._ssl = ssl.create_default_context() if self.tls else None
         self._proxy = urlsplit(proxy) if proxy else None
         self._forward_proxy = self._proxy is not None and not self.tls  # plain HTTP: absolute-form requests
-        self._idle: deque[_Connection] = deque()
+        self._idle: deque[_Connection] = deque()  # oldest on the left; reused from the right (LIFO)
         self._open: set[_Connection] = set()
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._closed = False
@@ -290,8 +421,30 @@ class Pool:
     async def request(
         self, method: str, path_qs: str, headers: Iterable[tuple[str, str]], body: bytes | None
     ) -> UpstreamResponse:
-        """Send one request; the response once its headers are in. Raises ConnectError or ClientError."""
-        conn = await self._acquire()
+        """Send one request; the response once its headers are in. Raises ConnectError or ClientError.
+
+        Sent a second time, on a new connection, only as the module's docstring says.
+        """
+        payload = self._request_bytes(method, path_qs, headers, body)
+        conn = await self._acquire(reuse=True)
+        try:
+            return await self._exchange(conn, payload)
+        except _StaleConnection:
+            log.debug("a reused upstream connection closed before answering; sending again on a new one")
+        return await self._exchange(await self._acquire(reuse=False), payload)
+
+    async def close(self) -> None:
+        self._closed = True
+        for conn in list(self._open):
+            conn.discard()
+        self._idle.clear()
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(ConnectError("the upstream pool is closed"))
+
+    def _request_bytes(
+        self, method: str, path_qs: str, headers: Iterable[tuple[str, str]], body: bytes | None
+    ) -> bytes:
         target = self.prefix + path_qs
         if self._forward_proxy:
             target = self._origin + target
@@ -303,47 +456,36 @@ class Pool:
             lines.append(f"Proxy-Authorization: {_basic(self._proxy.username, self._proxy.password)}\r\n")
         lines.append("\r\n")
         head = "".join(lines).encode("utf-8", "surrogateescape")
-        try:
-            return await conn.send(head + body if body else head)
-        except BaseException:
-            conn.reusable = False
-            conn.abort()  # cancelled or broken before the headers: upstream sees the connection go
-            raise
+        return head + body if body else head
 
-    async def close(self) -> None:
-        self._closed = True
-        for conn in list(self._open):
-            conn.abort()
-        self._idle.clear()
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_exception(ConnectError("the upstream pool is closed"))
+    @staticmethod
+    async def _exchange(conn: _Connection, payload: bytes) -> UpstreamResponse:
+        try:
+            return await conn.send(payload)
+        except BaseException:
+            conn.discard()  # cancelled or broken before the headers: upstream sees the connection go
+            raise
 
     # ------------------------------------------------------------------------------------------- pool
 
-    async def _acquire(self) -> _Connection:
+    async def _acquire(self, *, reuse: bool) -> _Connection:
+        """A connection for one request: the most recently idle one if ``reuse`` and one is fresh, else a new one
+        (waiting for a slot under the limit)."""
         if self._closed:
             raise ConnectError("the upstream pool is closed")
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        while self._idle:
-            conn = self._idle.pop()
-            if conn.transport is not None and not conn.transport.is_closing() and now - conn.idle_since < _IDLE_KEEP:
-                return conn
-            conn.abort()
-            self._open.discard(conn)
         try:
             async with asyncio.timeout(self._connect_timeout):
-                while self._limit and len(self._open) >= self._limit:
-                    waiter = loop.create_future()
-                    self._waiters.append(waiter)
-                    try:
-                        await waiter
-                    finally:
-                        if waiter in self._waiters:
-                            self._waiters.remove(waiter)
-                    if self._idle:
-                        return await self._acquire()
+                while True:
+                    if reuse and (idle := self._take_idle()) is not None:
+                        return idle
+                    if not self._limit or len(self._open) < self._limit:
+                        break
+                    if not reuse and self._idle:
+                        # A new connection is wanted and the pool is full: an idle one as old as the one that just
+                        # failed is suspect too, so it makes room.
+                        self._drop_idle(self._idle.popleft())
+                        continue
+                    await self._wait_for_slot()
                 conn = _Connection(self)
                 self._open.add(conn)
                 try:
@@ -356,6 +498,45 @@ class Pool:
             raise ConnectTimeout(f"no connection to upstream within {self._connect_timeout:g}s") from None
         except (OSError, ssl.SSLError) as exc:
             raise ConnectError(f"cannot connect to upstream: {type(exc).__name__}") from None
+
+    def _take_idle(self) -> _Connection | None:
+        self._expire_idle()
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.usable():
+                return conn
+            self._drop_idle(conn)
+        return None
+
+    def _expire_idle(self) -> None:
+        """Close the connections idle for ``idle_timeout`` or longer (the oldest are on the left).
+
+        Run whenever the pool is used rather than on a timer: an expired connection is never reused either way,
+        and one its peer closes meanwhile leaves the pool at once (``forget``).
+        """
+        now = asyncio.get_running_loop().time()
+        idle = self._idle
+        while idle and now - idle[0].idle_since >= self._idle_timeout:
+            self._drop_idle(idle.popleft())
+
+    def _drop_idle(self, conn: _Connection) -> None:
+        self._open.discard(conn)
+        conn.close()
+
+    async def _wait_for_slot(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                # Woken in the same turn as our timeout (or the caller's cancel) fired: the slot is not ours to
+                # take any more, so the wake-up goes to the next in line instead of being lost.
+                self._wake_one()
+            raise
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
 
     async def _connect(self, conn: _Connection) -> None:
         loop = asyncio.get_running_loop()
@@ -390,11 +571,13 @@ class Pool:
         conn.connection_made(tls)
 
     def put_back(self, conn: _Connection) -> None:
-        if self._closed:
-            conn.abort()
+        if self._closed or self._idle_timeout <= 0:
+            self._drop_idle(conn)
+            self._wake_one()
             return
         conn.idle_since = asyncio.get_running_loop().time()
         self._idle.append(conn)
+        self._expire_idle()
         self._wake_one()
 
     def forget(self, conn: _Connection) -> None:

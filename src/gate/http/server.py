@@ -25,6 +25,9 @@ from typing import Any, cast
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
+from gate.http.deadlines import Deadline, Deadlines
+from gate.http.headers import content_length, decode_fields
+
 __all__ = ["BadBody", "BodyTooLarge", "HttpServer", "Request", "Response", "Router", "StreamResponse"]
 
 log = logging.getLogger("gate.server")
@@ -36,12 +39,21 @@ _CONTENT_LENGTH = istr("content-length")
 _CONTENT_TYPE = istr("content-type")
 _DATE = istr("date")
 _EXPECT = istr("expect")
+_TRANSFER_ENCODING = istr("transfer-encoding")
 _FRAMING = frozenset({"content-length", "transfer-encoding", "connection"})
 _MAX_HEADERS = 128  # as aiohttp: real clients send a few dozen
-_MAX_QUEUED = 16  # pipelined requests held before the connection stops reading
+# Bytes parsed at a time, so that parsing stops near where flow control wants it to: a body in 64 KiB slices, the
+# bytes from a request's start in 8 KiB ones (a slice of tiny pipelined requests becomes that many queued objects).
+_SLICE = 64 * 1024
+_HEAD_SLICE = 8 * 1024
+_READ_AHEAD = 64 * 1024  # body bytes kept for a running handler before it asks for them (uvicorn pauses at 64 KiB)
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _NO_BODY_STATUSES = frozenset({204, 304})
+# A connection's deadline, by phase (compared by identity).
+_OFF = "off"
+_HEADERS = "headers"
+_IDLE = "idle"
 
 
 class BodyTooLarge(Exception):
@@ -77,10 +89,15 @@ _DATES = _DateCache()
 
 
 class Request:
-    """One parsed request: method, raw target, headers; the body arrives while the handler may already run."""
+    """One parsed request: method, raw target, headers; the body arrives while the handler may already run.
+
+    The body is read off the socket as the handler asks for it (``read``), beyond a small read-ahead; the
+    connection feeds it through the methods under "the connection's side" (as aiohttp's ``StreamReader``).
+    """
 
     __slots__ = (
         "_body",
+        "_body_limit",
         "_chunks",
         "_conn",
         "_size",
@@ -106,6 +123,7 @@ class Request:
         *,
         version: str = "1.1",
         keep_alive: bool = True,
+        body_limit: int | None = None,
     ) -> None:
         self._conn = conn
         self.method = method
@@ -118,6 +136,7 @@ class Request:
         self.complete = False  # the whole body has arrived
         self.too_large = False
         self.broken = False  # the body's framing was malformed
+        self._body_limit = body_limit
         self._chunks: list[bytes] = []
         self._size = 0
         self._body: bytes | None = None
@@ -125,8 +144,7 @@ class Request:
 
     @property
     def content_length(self) -> int | None:
-        value = self.headers.get(_CONTENT_LENGTH)
-        return int(value) if value is not None and value.isdigit() else None
+        return content_length(self.headers.get(_CONTENT_LENGTH))
 
     @property
     def transport(self) -> asyncio.Transport | None:
@@ -135,12 +153,13 @@ class Request:
     async def read(self) -> bytes:
         """The whole body (waits for the rest of it); :class:`BodyTooLarge` past the server's limit,
         :class:`BadBody` when its framing is malformed."""
-        if not self.complete and not self.too_large and not self.broken:
-            if self._conn is None or self._conn.transport is None:
+        if not self.body_ended:
+            conn = self._conn
+            if conn is None or conn.transport is None:
                 raise ConnectionResetError("the client went away")
-            self._conn.continue_body(self)
             self._waiter = asyncio.get_running_loop().create_future()
             try:
+                conn.want_body(self)  # may deliver the rest at once, from bytes held unparsed
                 await self._waiter
             finally:
                 self._waiter = None
@@ -153,20 +172,52 @@ class Request:
             self._chunks = []
         return self._body
 
-    def _feed(self, data: bytes, limit: int) -> None:
+    # ------------------------------------------------------------------------------------------- the connection's side
+
+    @property
+    def body_ended(self) -> bool:
+        """Nothing more of the body will be kept: it is complete, over the limit, or broken."""
+        return self.complete or self.too_large or self.broken
+
+    @property
+    def reading(self) -> bool:
+        """The handler waits in ``read`` for the rest of the body."""
+        return self._waiter is not None
+
+    @property
+    def buffered(self) -> int:
+        """Body bytes received and kept that the handler has not taken yet."""
+        return self._size if self._body is None and not self.too_large else 0
+
+    def feed_body(self, data: bytes) -> None:
         if self.too_large:
             return
         self._size += len(data)
-        if self._size > limit:
-            self.too_large = True
-            self._chunks = []
-            self._wake()
+        if self._body_limit is not None and self._size > self._body_limit:
+            self.refuse_body()
         else:
             self._chunks.append(data)
 
-    def _finish(self) -> None:
+    def declare_chunk(self, size: int) -> None:
+        """A chunk's size line declared ``size`` bytes: past the limit on its face, the body is refused at once."""
+        if self._body_limit is not None and not self.too_large and self._size + size > self._body_limit:
+            self.refuse_body()
+
+    def refuse_body(self) -> None:
+        self.too_large = True
+        self._chunks = []
+        self._wake()
+
+    def end_body(self) -> None:
         self.complete = True
         self._wake()
+
+    def break_body(self) -> None:
+        self.broken = True
+        self._wake()
+
+    def lose_connection(self, exc: BaseException) -> None:
+        self._wake(exc)
 
     def _wake(self, exc: BaseException | None = None) -> None:
         waiter = self._waiter
@@ -233,9 +284,7 @@ class StreamResponse:
         self._conn = conn
         self._head_only = request.method == "HEAD"
         if self.content_length is None:  # a relayed Content-Length frames the body (the head writes it once)
-            given = self.headers.get(_CONTENT_LENGTH)
-            if given is not None and given.isdigit():
-                self.content_length = int(given)
+            self.content_length = content_length(self.headers.get(_CONTENT_LENGTH))
         if self.content_length is None and self.status not in _NO_BODY_STATUSES and not self._head_only:
             self._chunked = request.version == "1.1"  # else delimited by closing: the head says so
         self.prepared = True
@@ -341,19 +390,87 @@ class Router:
         return self._fallback
 
 
+class _ChunkSizes:
+    """The size each chunk of a chunked body declares, which httptools does not expose (llhttp keeps it unread).
+
+    Why by hand: a chunk that declares more than the body limit (say 2^64-1 bytes) must be refused on its face,
+    not after the body timeout. llhttp calls ``on_chunk_header`` once a size line (``HEX[;ext]`` and CRLF, no CR
+    or LF inside: llhttp is strict) is complete, then hands the chunk's bytes to ``on_body``. Only the last chunk
+    of a fed slice can still be open, so the slice's end is the one place to look: its size line ends exactly
+    ``data`` bytes (what ``on_body`` got since that header) before the slice's end. The last ``_WINDOW`` bytes of
+    the stream are kept, so that a line cut between reads (even byte by byte) is still seen whole; a longer line
+    (long extensions) is left to the body limit as its bytes arrive. Trailers (after the last, empty chunk) are
+    never read as a size.
+    """
+
+    __slots__ = ("_data", "_open", "_opened_here", "_tail")
+
+    _WINDOW = 64
+
+    def __init__(self) -> None:
+        self._tail = b""
+        self._open = False
+        self._opened_here = False
+        self._data = 0
+
+    def start(self) -> None:
+        """The headers ended: the body's first size line comes next."""
+        self._open = self._opened_here = False
+
+    def chunk_header(self) -> None:
+        self._open = self._opened_here = True
+        self._data = 0
+
+    def data(self, count: int) -> None:
+        self._data += count
+
+    def chunk_complete(self) -> None:
+        self._open = False
+
+    def trailer(self) -> None:
+        self._open = False  # a header after the last chunk's size line: the bytes before the end are a trailer
+
+    def slice_end(self, piece: bytes | memoryview) -> int | None:
+        """After ``piece`` was parsed: the size declared by a chunk whose header was in it and that is still open."""
+        declared = None
+        if self._open and self._opened_here:
+            end = len(piece) - self._data  # just past the size line's CRLF
+            window = bytes(piece[max(0, end - self._WINDOW) : end])
+            if end < self._WINDOW:
+                window = self._tail + window
+            if window.endswith(b"\r\n"):
+                start = window.rfind(b"\n", 0, len(window) - 2) + 1
+                if start > 0:
+                    digits = window[start:-2].partition(b";")[0]
+                    if digits and all(c in b"0123456789abcdefABCDEF" for c in digits):
+                        declared = int(digits, 16)
+        self._opened_here = False
+        self._tail = (self._tail + bytes(piece[-self._WINDOW :]))[-self._WINDOW :]
+        return declared
+
+
 class _Connection(asyncio.Protocol):
-    """One client connection: parses requests, runs their handlers one at a time, in order."""
+    """One client connection: parses requests, runs their handlers one at a time, in order.
+
+    Flow control: bytes are parsed only while someone wants them: the next request's headers once no request
+    waits for its turn, and the running request's body up to a small read-ahead until its handler reads it. Past
+    that the rest of a read is held unparsed and the socket is not read, so the client's sends block instead of
+    Gate's memory growing. Deadlines: one :class:`Deadline` per connection, re-armed for the phase it is in.
+    """
 
     __slots__ = (
+        "_chunk_sizes",
+        "_clock",
         "_current",
+        "_deadline",
         "_drain_waiter",
         "_failed",
+        "_feeding",
         "_head_sent",
         "_header_bytes",
         "_header_count",
         "_headers",
-        "_headers_since",
-        "_idle_since",
+        "_held",
         "_in_request",
         "_limit",
         "_loop",
@@ -381,12 +498,14 @@ class _Connection(asyncio.Protocol):
         self._header_count = 0
         self._in_request = False  # bytes of a request whose headers are not complete yet
         self._parsing: Request | None = None  # the request whose body is being parsed
+        self._chunk_sizes: _ChunkSizes | None = None  # while that body is chunked
         self._queue: deque[Request | Response] = deque()  # parsed requests (or a final error) awaiting their turn
         self._current: Request | None = None
         self._task: asyncio.Task[None] | None = None
-        # Deadlines are loop times checked by the server's sweep (one timer per server, not two per request).
-        self._headers_since: float | None = None  # waiting for a request's headers since then
-        self._idle_since: float | None = None  # idle between requests since then
+        self._held = b""  # bytes read but not parsed: nothing wants them yet (reading is paused meanwhile)
+        self._feeding = False  # inside the parser: decisions to parse more are taken by the loop in _parse
+        self._deadline: Deadline | None = None
+        self._clock = _OFF  # which deadline runs: request headers, keep-alive idleness, or none
         self._reading_paused = False
         self.write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
@@ -399,22 +518,23 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
         self._server.connections.add(self)
-        self._start_header_clock()
+        self._clock = _HEADERS  # a connection that never sends a request is closed at the header deadline
+        self._deadline = self._server.deadlines.watch(self._server.header_timeout, self._deadline_passed)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.transport = None
         self._server.connections.discard(self)
-        self._stop_header_clock()
-        self._stop_idle_clock()
+        self._stop_clock()
         gone = ConnectionResetError("the client went away")
         for request in (self._current, self._parsing):
             if request is not None:
-                request._wake(gone)
+                request.lose_connection(gone)
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_exception(gone)
         if self._task is not None and not self._task.done():
             self._task.cancel()  # a client that goes away cancels its upstream call at once
         self._queue.clear()
+        self._held = b""
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -427,20 +547,107 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.must_close and self._parsing is None:
             return  # the connection ends after the current answer; later bytes are not requests we will serve
+        if self._held:
+            self._held += data  # parsing waits (and reading is paused): keep these after the others
+            self._steer_reading()
+            return
+        self._parse(data)
+
+    # ------------------------------------------------------------------------------------------- flow control
+
+    @property
+    def buffered(self) -> int:
+        """Bytes read from this client that no handler has taken yet: held unparsed, or kept as bodies."""
+        requests = {id(r): r for r in (self._current, self._parsing, *self._queue) if isinstance(r, Request)}
+        return len(self._held) + sum(request.buffered for request in requests.values())
+
+    @property
+    def queued(self) -> int:
+        """Parsed requests waiting for their turn behind the running one."""
+        return len(self._queue)
+
+    def _may_parse(self) -> bool:
+        """Whether the parser may take more bytes now (see the class docstring)."""
+        if self._failed or self.transport is None or (self.must_close and self._parsing is None):
+            return False
+        request = self._parsing
+        if request is None:
+            return not self._queue  # the next request's headers: not while another request waits its turn
+        if request is not self._current or request.too_large:
+            return False  # a queued request's body waits for its handler; a refused body is not read on
+        return request.reading or request.buffered < _READ_AHEAD
+
+    def _parse(self, data: bytes) -> None:
+        """Feeds ``data`` to the parser a slice at a time while it is wanted; holds the rest."""
+        self._feeding = True
         try:
-            self._parser.feed_data(data)
+            if len(data) <= _HEAD_SLICE and self._may_parse():  # the common case: one read, wanted whole
+                self._feed(data)
+                return
+            view = memoryview(data)
+            offset = 0
+            while offset < len(data):
+                if not self._may_parse():
+                    if not (self.must_close and self._parsing is None):
+                        self._held = data[offset:] if offset else data
+                    break
+                piece = view[offset : offset + (_HEAD_SLICE if self._parsing is None else _SLICE)]
+                offset += len(piece)
+                if not self._feed(piece):
+                    break
+        finally:
+            self._feeding = False
+            self._steer_reading()
+
+    def _feed(self, piece: bytes | memoryview) -> bool:
+        """One slice through the parser; False when parsing ended (a protocol error, an upgrade)."""
+        try:
+            self._parser.feed_data(piece)
         except httptools.HttpParserUpgrade:
             self.must_close = True  # Gate speaks no upgraded protocols: the request is answered, then we close
             self.on_message_complete()
+            return False
         except httptools.HttpParserCallbackError as exc:  # what a callback raised is its __context__
             if isinstance(exc.__context__, _HeaderLimit):
                 self._fail(431, f"The request line or headers exceed the gateway's limit of {self._limit} bytes.")
             else:
                 self._fail(400, "The request is not valid HTTP/1.1.")
+            return False
         except httptools.HttpParserError as exc:
             # The parser's message can quote the offending bytes (perhaps a token): only the kind is logged.
             log.info("refused a malformed HTTP request: %s", type(exc).__name__)
             self._fail(400, "The request is not valid HTTP/1.1.")
+            return False
+        sizes = self._chunk_sizes
+        if sizes is not None:
+            declared = sizes.slice_end(piece)
+            if declared is not None and self._parsing is not None:
+                self._parsing.declare_chunk(declared)
+        return True
+
+    def _steer_reading(self) -> None:
+        """Reads the socket while parsing may go on and nothing is held; pauses it otherwise."""
+        transport = self.transport
+        if transport is None or self._feeding:
+            return
+        discarding = self.must_close and self._parsing is None and not self._failed
+        paused = not discarding and (bool(self._held) or not self._may_parse())
+        if paused != self._reading_paused:
+            self._reading_paused = paused
+            if paused:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
+
+    def _resume_parsing(self) -> None:
+        """Something may want more bytes now (a handler reads, or took its turn): parse what was held, read on."""
+        if self._feeding or self.transport is None:
+            return
+        if self._held and self._may_parse():
+            held, self._held = self._held, b""
+            self._parse(held)
+        else:
+            self._steer_reading()
 
     # ------------------------------------------------------------------------------------------- parser callbacks
 
@@ -450,9 +657,8 @@ class _Connection(asyncio.Protocol):
         self._headers = []
         self._header_bytes = 0
         self._header_count = 0
-        self._idle_since = None
-        if self._headers_since is None:
-            self._start_header_clock()
+        if self._clock != _HEADERS:
+            self._start_clock(_HEADERS)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -468,57 +674,79 @@ class _Connection(asyncio.Protocol):
             or self._header_bytes > 2 * self._limit
         ):
             raise _HeaderLimit()
+        if self._parsing is not None:  # a trailer, after a chunked body's last chunk
+            if self._chunk_sizes is not None:
+                self._chunk_sizes.trailer()
+            return
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._in_request = False
-        self._stop_header_clock()
+        self._stop_clock()
         if self._failed:
             return
         parser = self._parser
-        # As aiohttp does: undecodable bytes survive as surrogates, so auth can refuse them by name.
-        headers = CIMultiDictProxy(
-            CIMultiDict(
-                [(name.decode("latin-1"), value.decode("utf-8", "surrogateescape")) for name, value in self._headers]
-            )
-        )
+        headers = decode_fields(self._headers)  # undecodable bytes survive as surrogates: auth refuses them by name
         self._headers = []
         target = self._url.decode("utf-8", "surrogateescape")
         if not target.startswith("/"):
             parsed = httptools.parse_url(self._url)  # absolute form: keep the path and query only
             target = (parsed.path or b"/").decode() + ("?" + parsed.query.decode() if parsed.query else "")
+        chunked = _TRANSFER_ENCODING in headers  # llhttp accepts it only with chunked last
+        version = parser.get_http_version()
         request = Request(
             self,
             parser.get_method().decode("ascii"),
             target,
             headers,
-            version=parser.get_http_version(),
-            keep_alive=parser.should_keep_alive(),
+            version=version,
+            # RFC 9112 6.1: Transfer-Encoding in HTTP/1.0 is faulty framing: close after answering, whatever
+            # Connection says (llhttp's should_keep_alive() does not apply this rule).
+            keep_alive=parser.should_keep_alive() and not (chunked and version == "1.0"),
+            body_limit=self._server.max_body_size,
         )
+        if chunked:
+            self._chunk_sizes = _ChunkSizes()
+            self._chunk_sizes.start()
         self._parsing = request
         self._queue.append(request)
         if self._task is None:
             self._next()
-        elif len(self._queue) > _MAX_QUEUED and self.transport is not None and not self._reading_paused:
-            self._reading_paused = True
-            self.transport.pause_reading()
 
     def on_body(self, body: bytes) -> None:
         if self._parsing is not None:
-            self._parsing._feed(body, self._server.max_body_size)
+            self._parsing.feed_body(body)
+        if self._chunk_sizes is not None:
+            self._chunk_sizes.data(len(body))
+
+    def on_chunk_header(self) -> None:
+        if self._chunk_sizes is not None:
+            self._chunk_sizes.chunk_header()
+
+    def on_chunk_complete(self) -> None:
+        if self._chunk_sizes is not None:
+            self._chunk_sizes.chunk_complete()
 
     def on_message_complete(self) -> None:
         request, self._parsing = self._parsing, None
+        self._chunk_sizes = None
         if request is not None:
-            request._finish()
+            request.end_body()
 
     # ------------------------------------------------------------------------------------------- requests
 
-    def continue_body(self, request: Request) -> None:
-        """A handler waits for the body: a client that sent ``Expect: 100-continue`` may send it now."""
+    @property
+    def handler_task(self) -> asyncio.Task[None] | None:
+        """The task answering the current request, if one runs."""
+        return self._task
+
+    def want_body(self, request: Request) -> None:
+        """A handler waits for its body: a client that sent ``Expect: 100-continue`` may send it now, and bytes
+        held or left on the socket are read."""
         expect = request.headers.get(_EXPECT)
         if expect is not None and expect.lower() == "100-continue" and request.version == "1.1":
             self.write(_CONTINUE)
+        self._resume_parsing()
 
     def _next(self) -> None:
         if not self._queue or self.transport is None:
@@ -532,9 +760,7 @@ class _Connection(asyncio.Protocol):
         self._current = item
         self._head_sent = False
         self._task = self._loop.create_task(self._serve(item))
-        if self._reading_paused and len(self._queue) <= _MAX_QUEUED // 2 and self.transport is not None:
-            self._reading_paused = False
-            self.transport.resume_reading()
+        self._resume_parsing()  # its body (up to the read-ahead) and the next headers may be parsed now
 
     async def _serve(self, request: Request) -> None:
         server = self._server
@@ -549,7 +775,7 @@ class _Connection(asyncio.Protocol):
             log.exception("unhandled error answering %s %s", request.method, request.path)
             if self._head_sent:  # the client has part of an answer: end it as a broken connection would
                 self._task = self._current = None
-                self._abort()
+                self.abort()
                 return
             response = server.error(500, "The gateway failed to answer this request.")
         try:
@@ -563,7 +789,7 @@ class _Connection(asyncio.Protocol):
                 await response.write_eof()
         except Exception:
             log.exception("unhandled error finishing %s %s", request.method, request.path)
-            self._abort()
+            self.abort()
             return
         finally:
             self._task = None
@@ -571,9 +797,11 @@ class _Connection(asyncio.Protocol):
         if self.transport is None or self._closes_after(request):
             self._close()
         elif self._queue:
-            self._next()
+            self._next()  # the next pipelined request, or the answer to a protocol error after it
         else:
-            self._start_idle_clock()
+            if not self._in_request:  # else the next request's headers are arriving, under their own deadline
+                self._start_clock(_IDLE)
+            self._resume_parsing()
 
     # ------------------------------------------------------------------------------------------- writing
 
@@ -652,36 +880,35 @@ class _Connection(asyncio.Protocol):
     # ------------------------------------------------------------------------------------------- ending
 
     def _fail(self, status: int, message: str) -> None:
-        """A request we cannot parse: answer it (after those before it) and close."""
+        """A request we cannot parse (or whose headers ran out of time): answer it after those before it, close."""
         if self._failed:
             return
-        self._failed = True
-        self._stop_header_clock()
+        self._failed = True  # nothing after it is parsed, and the socket is no longer read
+        self._stop_clock()
         parsing, self._parsing = self._parsing, None
         self._in_request = False
-        self.must_close = True
-        if self.transport is not None and not self._reading_paused:
-            self._reading_paused = True
-            self.transport.pause_reading()
+        self._held = b""
         if parsing is not None:
-            # The headers were fine, the body's framing is not: that request's handler answers (read() raises).
-            parsing.broken = True
-            parsing._wake()
-            return
-        answer = self._server.error(status, message)
-        if self._task is None and not self._queue:
-            self._write_whole(None, answer)
-            self._close()
+            # The headers were fine, the body's framing is not: that request's handler answers (read() raises),
+            # and the connection closes after it, its body being incomplete.
+            parsing.break_body()
         else:
-            self._queue.append(answer)
+            answer = self._server.error(status, message)
+            if self._task is None and not self._queue:
+                self.must_close = True
+                self._write_whole(None, answer)
+                self._close()
+                return
+            self._queue.append(answer)  # written, then the connection closed, when its turn comes
+        self._steer_reading()
 
     def _close(self) -> None:
-        self._stop_header_clock()
-        self._stop_idle_clock()
+        self._stop_clock()
         if self.transport is not None:
             self.transport.close()  # sends what is buffered, then closes
 
-    def _abort(self) -> None:
+    def abort(self) -> None:
+        """Drops the connection at once (a reset): for an answer that cannot be completed, or at shutdown."""
         if self.transport is not None:
             self.transport.abort()
 
@@ -692,38 +919,32 @@ class _Connection(asyncio.Protocol):
             return True
         return False
 
-    def _start_header_clock(self) -> None:
-        self._headers_since = self._loop.time()
+    # ------------------------------------------------------------------------------------------- deadlines
 
-    def _stop_header_clock(self) -> None:
-        self._headers_since = None
+    def _start_clock(self, clock: str) -> None:
+        self._clock = clock
+        if self._deadline is not None:
+            server = self._server
+            self._deadline.restart(server.header_timeout if clock is _HEADERS else server.keep_alive_timeout)
 
-    def _header_clock_ran_out(self) -> None:
-        """Headers that trickle in (slowloris) hold a connection only this long; a silent one is just closed."""
-        self._headers_since = None
-        if self.transport is None or self._task is not None:
+    def _stop_clock(self) -> None:
+        self._clock = _OFF
+        if self._deadline is not None:
+            self._deadline.stop()
+
+    def _deadline_passed(self) -> None:
+        """The sweep found this connection's deadline past: the request headers' (408 when part of a request came,
+        after the answers before it; a silent close otherwise), or keep-alive idleness (close if idle)."""
+        clock, self._clock = self._clock, _OFF
+        if self.transport is None:
             return
-        if self._in_request:
-            self.must_close = True
-            self._write_whole(None, self._server.error(408, "The request headers did not arrive in time."))
-        log.debug("closed a connection whose request headers did not arrive within %.1fs", self._server.header_timeout)
-        self._close()
-
-    def _start_idle_clock(self) -> None:
-        self._idle_since = self._loop.time()
-
-    def _stop_idle_clock(self) -> None:
-        self._idle_since = None
-
-    def check_deadlines(self, now: float) -> None:
-        """Called by the server's sweep: enforce the header deadline and the keep-alive idle time."""
-        since = self._headers_since
-        if since is not None and now - since >= self._server.header_timeout:
-            self._header_clock_ran_out()
-            return
-        since = self._idle_since
-        if since is not None and now - since >= self._server.keep_alive_timeout:
-            self._idle_since = None
+        if clock is _HEADERS:
+            log.debug("request headers did not arrive within %.1fs", self._server.header_timeout)
+            if self._in_request:  # headers that trickle in (slowloris), perhaps behind a running handler
+                self._fail(408, "The request headers did not arrive in time.")
+            elif self._task is None and not self._queue:
+                self._close()  # a connection that never sent a request
+        elif clock is _IDLE:
             self.close_if_idle()
 
 
@@ -750,9 +971,8 @@ class HttpServer:
         self.connections: set[_Connection] = set()
         self.draining = False
         self._servers: list[asyncio.Server] = []
-        # Deadlines are enforced this often (so within this much of their time), by one timer for all connections.
-        self._sweep_every = max(min(1.0, header_timeout / 4, keep_alive_timeout / 4), 0.01)
-        self._sweep: asyncio.TimerHandle | None = None
+        # Header and idle deadlines of every connection, on one timer: enforced within this much of their time.
+        self.deadlines = Deadlines(max(min(1.0, header_timeout / 4, keep_alive_timeout / 4), 0.01))
 
     def __call__(self) -> _Connection:
         return _Connection(self)
@@ -775,17 +995,9 @@ class HttpServer:
         else:
             server = await self.loop.create_server(self, host, port, reuse_port=reuse_port, backlog=backlog, **tls)
         self._servers.append(server)
-        if self._sweep is None:
-            self._sweep = self.loop.call_later(self._sweep_every, self._check_deadlines)
         for bound in server.sockets:
             return int(bound.getsockname()[1])
         return 0
-
-    def _check_deadlines(self) -> None:
-        now = self.loop.time()
-        for conn in list(self.connections):
-            conn.check_deadlines(now)
-        self._sweep = self.loop.call_later(self._sweep_every, self._check_deadlines)
 
     async def shutdown(self, grace: float) -> None:
         """Stops accepting, closes idle connections, lets in-flight requests finish for ``grace`` seconds."""
@@ -798,9 +1010,9 @@ class HttpServer:
             if not busy or self.loop.time() >= deadline:
                 break
             await asyncio.sleep(0.05)
-        tasks = [conn._task for conn in self.connections if conn._task is not None]
+        tasks = [conn.handler_task for conn in self.connections if conn.handler_task is not None]
         for conn in list(self.connections):
-            conn._abort()
+            conn.abort()
         for task in tasks:
             task.cancel()  # their handlers still record what they cut (usage is owed for every upstream call)
         if tasks:
@@ -808,6 +1020,4 @@ class HttpServer:
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
-        if self._sweep is not None:
-            self._sweep.cancel()
-            self._sweep = None
+        self.deadlines.close()

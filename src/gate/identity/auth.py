@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from yarl import URL
 
 from gate.identity.devauth import DevKeyPair, load_or_create_key_pair, mint_dev_token, resolve_data_dir
+from gate.ops.redact import redact
 from gate.settings import JwtSettings
 
 __all__ = [
@@ -46,6 +47,7 @@ Reason = Literal[
     "missing",
     "malformed",
     "expired",
+    "missing_exp",
     "not_yet_valid",
     "signature",
     "unknown_key",
@@ -73,7 +75,7 @@ MIN_RSA_BITS: Final = 2048
 
 _COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _MAX_AGE = re.compile(r"(?:^|[,\s])max-age\s*=\s*\"?(\d+)", re.IGNORECASE)
-_NO_EXP_CACHE_SECONDS: Final = 300.0  # a token without `exp` is re-verified this often
+_NO_EXP_CACHE_SECONDS: Final = 300.0  # with require-exp off, a token without `exp` is re-verified this often
 _HEADER_SLACK: Final = 64  # room for "Bearer " and stray whitespace around a token of the maximum length
 
 
@@ -283,7 +285,7 @@ class RemoteJwks:
         on_keys_removed: Callable[[], None],
     ) -> None:
         self.uri = uri
-        self.source = _without_credentials(uri)
+        self.source = redact(uri)  # user info and secret query values masked, host and path kept
         self.keys = KeySet()
         self.last_success: float | None = None  # by ``clock``
         self.last_error: str | None = "not fetched yet"
@@ -396,12 +398,12 @@ class RemoteJwks:
         except TimeoutError:
             raise JwksError(f"the JWKS endpoint did not answer within {self._fetch_timeout:g} s") from None
         except aiohttp.ClientError as exc:
-            reason = self._redact(str(exc))
+            reason = redact(str(exc), self._password)
             raise JwksError(f"cannot fetch the JWKS: {type(exc).__name__}: {reason}") from None
 
-    def _redact(self, text: str) -> str:
-        password = URL(self.uri).password if "@" in self.uri else None
-        return text.replace(password, "******") if password else text
+    @property
+    def _password(self) -> str:
+        return (URL(self.uri).password or "") if "@" in self.uri else ""
 
     def _install(self, document: bytes) -> None:
         digest = hashlib.sha256(document).digest()
@@ -454,13 +456,6 @@ def _max_age(cache_control: str | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _without_credentials(uri: str) -> str:
-    try:
-        return str(URL(uri).with_user(None).with_query(None))
-    except (ValueError, TypeError):
-        return "(invalid JWKS URI)"
-
-
 # ---------------------------------------------------------------------------------------------- verifier
 
 
@@ -485,6 +480,7 @@ class Authenticator:
         self._settings = settings
         self._clock = clock
         self._leeway = settings.leeway
+        self._require_exp = settings.require_exp
         self._claims = settings.claims
         self._max_length = settings.max_token_length
         self._issuer = settings.issuer or (settings.dev.issuer if dev_auth else None)
@@ -672,6 +668,8 @@ class Authenticator:
     def _identity(self, payload: Mapping[str, Any], kid: str | None) -> Identity:
         now = self._clock()
         expires = _numeric_date(payload, "exp")
+        if expires is None and self._require_exp:
+            raise AuthError("missing_exp", "the token has no expiry (exp claim); ask the identity provider for one")
         if expires is not None and now >= expires + self._leeway:
             raise AuthError("expired", f"the token expired at {_iso(expires)}")
         not_before = _numeric_date(payload, "nbf")

@@ -1,6 +1,6 @@
 """The pooled HTTP client to Anthropic and header hygiene, both ways.
 
-One shared pool of keep-alive connections (``gate.client.Pool``) serves every request. Bodies are passed
+One shared pool of keep-alive connections (``gate.http.client.Pool``) serves every request. Bodies are passed
 through undecoded, so the client receives upstream's bytes exactly.
 """
 
@@ -113,6 +113,8 @@ class Upstream:
             limit=self._settings.pool_size,
             connect_timeout=self._settings.timeouts.connect,
             proxy=self.proxy,
+            idle_timeout=self._settings.pool_idle_timeout,
+            max_head_size=self._settings.max_response_header_size,
         )
 
     async def close(self) -> None:
