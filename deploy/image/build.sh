@@ -13,7 +13,9 @@ HOST_CA=${HOST_CA:-/etc/ssl/certs/ca-certificates.crt}
 GATE_BASE_IMAGE=$BASE_IMAGE deploy/image/base.sh
 mounts=()
 [[ -r $HOST_CA ]] && mounts=(--volume "$HOST_CA:/etc/ssl/certs/ca-certificates.crt:ro")
-exec deploy/image/podman.sh build \
+deploy/image/podman.sh build \
   --isolation chroot --network host --format docker --layers \
   --build-arg "BASE_IMAGE=$BASE_IMAGE" "${mounts[@]}" \
   --tag "$TAG" .
+# Each source change leaves the previous build's layers untagged (a few hundred MB); keep a day's worth as cache.
+deploy/image/podman.sh image prune --force --filter until=24h >/dev/null || true
