@@ -94,8 +94,7 @@ def env_of(container: dict[str, Any]) -> dict[str, str]:
         if "value" in item:
             out[item["name"]] = str(item["value"])
         elif "secretKeyRef" in item.get("valueFrom", {}):
-            secret = "amqp://gate:secret@rabbitmq:5672/" if "RABBITMQ" in item["name"] else "sk-ant-from-a-secret-00000"
-            out[item["name"]] = secret
+            out[item["name"]] = SECRET_VALUES.get(item["name"], "sk-ant-from-a-secret-00000")
     return out
 
 
@@ -113,6 +112,13 @@ def settings_from(container: dict[str, Any], config_files: dict[str, str], tmp: 
             assert f"environment variable {name}" in settings.sources, f"{name} names no Gate setting"
     return settings
 
+
+# What the kubelet would fill in from a Secret, shaped as Gate validates each.
+SECRET_VALUES = {
+    "USAGE_RABBITMQ_URL": "amqp://gate:secret@rabbitmq:5672/",
+    "STORE_POSTGRESURL": "postgresql://gate:secret@postgres:5432/gate",
+    "STORE_ENCRYPTIONKEYS": "rR8M6pD7i0vK3m9a2d4Zb1ZfY8m2QzM1eF0qKx7wYtU=",
+}
 
 VALUE_SETS = [pytest.param(None, id="default-values"), *(pytest.param(p, id=p.stem) for p in EXAMPLES)]
 
@@ -177,6 +183,7 @@ def test_the_workload_carries_probes_resources_grace_volumes_and_a_non_root_user
     else:
         assert settings.management.server.port is None
     assert settings.server.ssl.enabled == bool(values.get("tls", {}).get("enabled"))
+    assert settings.store.backend == (values.get("store", {}).get("backend") or "sqlite")
 
     volumes = {v["name"]: v for v in spec.get("volumes", [])}
     if values.get("anthropicKeys", {}).get("mode", "files") == "files":
@@ -269,6 +276,7 @@ def test_a_changed_config_rolls_the_pods() -> None:
         ({"tls": {"enabled": True}}, "needs tls.secretName"),
         ({"anthropicKeys": {"mode": "vault"}}, "must be files or env"),
         ({"environment": "staging"}, "application-staging.yaml"),
+        ({"store": {"backend": "postgres"}}, "needs store.postgresUrlSecret.name"),
     ],
 )
 def test_values_that_cannot_work_fail_the_render_with_a_reason(values: dict[str, Any], message: str) -> None:

@@ -144,6 +144,7 @@ def test_optional_fields_are_left_out_when_none_and_kept_when_set() -> None:
             time_to_first_token_ms=412,
             claude_code_session_id="sess-1",
             http_status=200,
+            groups=["eng", "admins"],
         )
     )["data"]
     assert {k: data[k] for k in OPTIONAL_DATA_FIELDS} == {
@@ -155,6 +156,7 @@ def test_optional_fields_are_left_out_when_none_and_kept_when_set() -> None:
         "time_to_first_token_ms": 412,
         "claude_code_session_id": "sess-1",
         "http_status": 200,
+        "groups": ["eng", "admins"],
     }
 
 

@@ -289,6 +289,10 @@ def check_event(
     if ttft:
         first = data.pop("time_to_first_token_ms")
         assert type(first) is int and 0 <= first <= latency
+    # The price table's figures are checked by hand in test_prices.py; here: both or neither, an exact decimal.
+    cost, price_version = data.pop("cost", None), data.pop("price_version", None)
+    assert (cost is None) == (price_version is None)
+    assert cost is None or re.fullmatch(r"\d+(\.\d+)?", cost), cost
     assert data == expected
 
 

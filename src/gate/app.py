@@ -13,9 +13,10 @@ import signal
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gate import __version__
+from gate.accounting.prices import PriceTable
 from gate.events import UsageEvents
 from gate.http.server import HttpServer, Request, Response, Router
 from gate.http.tls import server_context
@@ -23,7 +24,11 @@ from gate.identity.auth import Authenticator
 from gate.ops.errors import error_response
 from gate.ops.health import Health
 from gate.ops.logs import flush_access_log
+from gate.ops.otlp_relay import TelemetryRelay
 from gate.ops.telemetry import Telemetry
+from gate.policy.groups import PolicyBook
+from gate.policy.managed import ManagedSettings
+from gate.policy.models import ModelPolicy
 from gate.relay import Relay
 from gate.settings import GateSettings
 from gate.upstreams.anthropic import Upstream
@@ -31,6 +36,9 @@ from gate.upstreams.breaker import CircuitBreaker
 from gate.upstreams.keyfiles import KeyFiles
 from gate.upstreams.keys import KeyPool
 from gate.upstreams.probe import KeyProber
+
+if TYPE_CHECKING:
+    from gate.identity.signin.service import SignIn
 
 __all__ = ["Gate", "StartupError", "run", "serve"]
 
@@ -63,10 +71,14 @@ class Gate:
     keys: KeyPool = field(init=False)
     prober: KeyProber = field(init=False)
     breaker: CircuitBreaker = field(init=False)
+    prices: PriceTable = field(init=False)
     events: UsageEvents = field(init=False)
     health: Health = field(init=False)
     relay: Relay = field(init=False)
     key_files: KeyFiles | None = field(init=False, default=None)
+    managed: ManagedSettings = field(init=False)
+    otlp: TelemetryRelay = field(init=False)
+    signin: SignIn | None = None  # when sign-in is enabled
     management_port: int | None = field(init=False, default=None)  # bound, when /actuator/* has its own port
 
     def __post_init__(self) -> None:
@@ -94,9 +106,23 @@ class Gate:
             s.resilience.circuit_breaker, on_state_change=lambda old, new: telemetry.on_breaker_change(old, new)
         )
         telemetry.set_breaker_state_source(lambda: str(self.breaker.state))
-        self.events = UsageEvents(s.usage)
+        self.prices = PriceTable.from_settings(s.prices)
+        self.events = UsageEvents(s.usage, prices=self.prices)
         telemetry.set_usage_source(self.events)
         self.health = Health(self)
+        book = PolicyBook(s.policies)
+        self.managed = ManagedSettings(book, self.auth, pushed_env=_otlp_env(s))
+        self.otlp = TelemetryRelay(
+            s.sign_in.telemetry,
+            self.auth,
+            max_body=s.server.limits.max_body_size,
+            body_timeout=s.server.limits.body_timeout,
+        )
+        if s.sign_in.enabled:
+            from gate.identity.signin.service import SignIn
+            from gate.store.kv import open_store
+
+            self.signin = SignIn(s.sign_in, open_store(s.store), self.auth, leeway=s.security.jwt.leeway)
         self.relay = Relay(
             s,
             upstream=self.upstream,
@@ -105,6 +131,7 @@ class Gate:
             breaker=self.breaker,
             events=self.events,
             telemetry=telemetry,
+            policy=ModelPolicy(book) if book.restricts_models else None,
         )
 
     # ------------------------------------------------------------------------------------------- HTTP
@@ -119,6 +146,11 @@ class Gate:
         r.add("GET", "/", self._root)  # GET and HEAD: Claude Code probes the base URL
         r.add("HEAD", "/", self._root)
         r.add("GET", "/.well-known/jwks.json", self._jwks)
+        r.add("GET", "/managed/settings", self.managed.handle)
+        for path in self.otlp.paths:
+            r.add("POST", path, self.otlp.handle)
+        if self.signin is not None:
+            self.signin.add_routes(r)
         if management:
             self.add_management_routes(r)
         return r
@@ -174,6 +206,9 @@ class Gate:
     async def start(self) -> None:
         await self.upstream.start()
         await self.auth.start()
+        if self.signin is not None:
+            await self.signin.start()
+        await self.otlp.start()
         await self.events.start()
         if self.key_files is not None:
             self.key_files.start()
@@ -197,11 +232,29 @@ class Gate:
         if self.key_files is not None:
             await self.key_files.close()
         await self.events.close(self.settings.server.shutdown.flush_timeout)
+        await self.otlp.close()
+        if self.signin is not None:
+            await self.signin.close()
         await self.auth.close()
         await self.prober.close()
         await self.upstream.close()
         assert self.telemetry is not None
         await self.telemetry.shutdown()
+
+
+def _otlp_env(settings: GateSettings) -> dict[str, str] | None:
+    """What managed settings push so that Claude Code sends its telemetry to Gate, when Gate relays it."""
+    url = settings.sign_in.public_url
+    if not settings.sign_in.telemetry.forward_to or url is None:
+        return None
+    return {
+        "CLAUDE_CODE_ENABLE_TELEMETRY": "1",
+        "OTEL_METRICS_EXPORTER": "otlp",
+        "OTEL_LOGS_EXPORTER": "otlp",
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": url,
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+    }
 
 
 async def serve(

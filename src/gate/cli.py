@@ -1,11 +1,13 @@
-"""The ``gate`` command: ``serve``, ``config`` (effective settings, secrets masked, the source of each value) and
-``token`` (dev tokens)."""
+"""The ``gate`` command: ``serve``, ``config`` (effective settings, secrets masked, the source of each value),
+``token`` (dev tokens) and ``usage-sink`` (usage events from the broker into PostgreSQL / BigQuery, with the usage
+report)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Iterator, Mapping, Sequence
+from decimal import Decimal
 from typing import Any
 
 import yaml
@@ -49,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     with_config(token)
     token.add_argument("--sub", required=True, help="the user (JWT sub claim)")
     token.add_argument("--ttl", default="1h", help="lifetime, e.g. 30m, 1h, 8h (default 1h)")
+
+    sink = commands.add_parser(
+        "usage-sink", help="consume usage events into PostgreSQL (and BigQuery); serve health, metrics and the report"
+    )
+    with_config(sink)
+    sink.add_argument("--port", type=int, help="HTTP port for health, metrics and the report (usage-sink.server.port)")
+    sink.add_argument("--migrate-only", action="store_true", help="apply the schema migrations, then exit")
     return parser
 
 
@@ -74,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "token":
             return _token(args)
+        if args.command == "usage-sink":
+            return _usage_sink(args)
     except ConfigError as exc:
         if exc.sources is not None:
             _warn(exc.sources)
@@ -118,6 +129,8 @@ def _scalar(value: Any) -> str:
         return f"[{', '.join(items)}]"
     if isinstance(value, str) and not value.isprintable():
         return _double_quoted(value)  # PyYAML would fold a line break onto the next line
+    if isinstance(value, Decimal):
+        return str(value)  # prices: exact, as written (PyYAML has no representer for Decimal)
     text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30, allow_unicode=True).strip()
     return text.removesuffix("\n...").removesuffix("...").strip()
 
@@ -163,6 +176,25 @@ def _serve(args: argparse.Namespace) -> int:
     except StartupError as exc:  # a worker could not start: one line for all of them
         sys.stderr.write(f"gate: cannot start: {exc}\n")
         return exc.exit_code
+
+
+def _usage_sink(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {}
+    if args.port is not None:
+        overrides = {"usage-sink": {"server": {"port": args.port}}}
+    settings, _sources = _load(args, overrides)
+
+    from gate.ops.logs import configure_logging
+    from gate.usagesink.service import run
+
+    logging_settings = settings.observability.logging
+    configure_logging(logging_settings.format, logging_settings.level)
+    try:
+        run(settings, migrate_only=args.migrate_only)
+    except OSError as exc:
+        sys.stderr.write(f"gate: usage-sink cannot start: {exc}\n")
+        return 1
+    return 0
 
 
 def _token(args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ from gate.identity.auth import Authenticator, AuthError, www_authenticate
 from gate.ops.errors import error_response, error_type_for
 from gate.ops.logs import access_line
 from gate.ops.telemetry import Telemetry
+from gate.policy.models import ModelPolicy
 from gate.settings import GateSettings
 from gate.upstreams.anthropic import Upstream, request_headers, response_headers
 from gate.upstreams.breaker import CircuitBreaker, CircuitOpenError, Permit
@@ -77,6 +78,7 @@ class _Exchange:
     stream: bool = False
     model: str | None = None
     sub: str | None = None
+    groups: list[str] | None = None
     session_id: str | None = None
     key_alias: str | None = None
     upstream_wait: float = 0.0
@@ -181,8 +183,10 @@ class Relay:
         breaker: CircuitBreaker,
         events: UsageEvents,
         telemetry: Telemetry,
+        policy: ModelPolicy | None = None,
     ) -> None:
         api = settings.anthropic.api
+        self._policy = policy
         self._upstream = upstream
         self._auth = auth
         self._keys = keys
@@ -254,6 +258,7 @@ class Relay:
             self._telemetry.on_auth_failure(exc.reason)
             return error_response(401, exc.message, headers={"WWW-Authenticate": www_authenticate(exc)})
         exchange.sub = identity.sub
+        exchange.groups = sorted(identity.groups) or None
         body: bytes | None = None
         if request.method == "POST":
             body_or_error = await self._read_body(request)
@@ -271,6 +276,8 @@ class Relay:
                     )
                 exchange.model = model
             exchange.stream = parsed.get("stream") is True
+        if self._policy is not None and (answer := self._policy.answer(identity, request, exchange.model)) is not None:
+            return answer  # refused (or /v1/models answered) by model policy: no upstream call, no usage event
         exchange.session_id = request.headers.get(_SESSION_ID)
         return await self._forward(request, exchange, body, metered=metered)
 
@@ -605,6 +612,7 @@ class Relay:
             web_fetch_requests=meter.web_fetch_requests if meter else None,
             service_tier=meter.service_tier if meter else None,
             claude_code_session_id=exchange.session_id,
+            groups=exchange.groups,
             event_id="",  # the outbox gives it an id, in batches, as it stores it (stable from then on)
             time=rfc3339_millis(now),
         )

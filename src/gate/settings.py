@@ -11,11 +11,13 @@ and the file or variable it came from.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import itertools
 import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -117,10 +119,39 @@ def _at_least(minimum: float, why: str) -> AfterValidator:
     return AfterValidator(check)
 
 
+def parse_usd(value: Any) -> Decimal:
+    """An exact, non-negative amount of USD: ``"0.30"``, ``3`` or ``0.3`` (a YAML float is read by its text)."""
+    if isinstance(value, bool):
+        raise ValueError("an amount of USD, such as 3.75")
+    try:
+        amount = Decimal(str(value).strip()) if isinstance(value, int | float | str) else Decimal(value)
+    except (InvalidOperation, TypeError, ValueError):
+        raise ValueError(f"not an amount of USD: {value!r}") from None
+    if not amount.is_finite() or amount < 0:
+        raise ValueError("an amount of USD must be a finite, non-negative number")
+    return amount
+
+
+def parse_instant(value: Any) -> datetime.datetime:
+    """A point in time: a date (midnight UTC) or an ISO 8601 date-time (UTC unless it names its offset)."""
+    if isinstance(value, str):
+        try:
+            value = datetime.datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise ValueError(f"not a date or ISO 8601 date-time: {value!r}") from None
+    if isinstance(value, datetime.datetime):
+        return value if value.tzinfo is not None else value.replace(tzinfo=datetime.UTC)
+    if isinstance(value, datetime.date):
+        return datetime.datetime(value.year, value.month, value.day, tzinfo=datetime.UTC)
+    raise ValueError(f"not a date or ISO 8601 date-time: {value!r}")
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 # Positive: a zero timeout or interval fails every request (stream-idle: 0 cuts every stream) or spins a loop.
 PositiveDuration = Annotated[float, BeforeValidator(parse_duration), _at_least(0, "0 would expire at once")]
 Size = Annotated[int, BeforeValidator(parse_size)]
+Usd = Annotated[Decimal, BeforeValidator(parse_usd)]
+Instant = Annotated[datetime.datetime, BeforeValidator(parse_instant)]
 
 
 def _http_url_problem(value: str) -> str | None:
@@ -444,6 +475,281 @@ class ObservabilitySettings(_Section):
     logging: LoggingSettings = LoggingSettings()
 
 
+class PriceVersionSettings(_Section):
+    """One version of a model's prices: tokens in USD per million, web search in USD per 1,000 requests."""
+
+    effective_from: Instant  # applies to calls at or after this instant, until a later version takes over
+    version: str | None = None  # the label events carry as price_version; default "<pattern>@<date>"
+    input: Usd
+    output: Usd
+    cache_write_5m: Usd
+    cache_write_1h: Usd
+    cache_read: Usd
+    web_search: Usd
+
+
+class ModelPriceSettings(_Section):
+    """Prices for the models matching any of ``match``: an exact id, or a prefix ending in ``*``."""
+
+    match: list[str] = Field(min_length=1)
+    versions: list[PriceVersionSettings] = Field(min_length=1)
+
+    @field_validator("match")
+    @classmethod
+    def _patterns(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            if not pattern.strip() or pattern == "*" or "*" in pattern[:-1]:
+                raise ValueError(f"not a model id or prefix* pattern: {pattern!r}")
+        return patterns
+
+    @field_validator("versions")
+    @classmethod
+    def _distinct_dates(cls, versions: list[PriceVersionSettings]) -> list[PriceVersionSettings]:
+        starts = [v.effective_from for v in versions]
+        if len(set(starts)) != len(starts):
+            raise ValueError("two versions take effect at the same instant")
+        return versions
+
+
+class PricesSettings(_Section):
+    """The price table: per model pattern, per token type, versioned by effective date (``gate.accounting.prices``)."""
+
+    models: list[ModelPriceSettings] = []
+
+    @field_validator("models")
+    @classmethod
+    def _each_pattern_once(cls, models: list[ModelPriceSettings]) -> list[ModelPriceSettings]:
+        patterns = [p for entry in models for p in entry.match]
+        repeated = sorted({p for p in patterns if patterns.count(p) > 1})
+        if repeated:
+            raise ValueError(f"a model pattern may appear in one entry only; repeated: {', '.join(repeated)}")
+        return models
+
+
+class SinkRabbitMQSettings(_Section):
+    url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    queue: str = Field("gate-usage-sink", min_length=1)  # durable, bound to usage.destination
+    binding_key: str = "#"
+    prefetch: int = Field(500, ge=1, le=65535)  # unacknowledged messages in flight: a batch at most this big
+
+
+class SinkPubSubSettings(_Section):
+    project_id: str = "gate-local"
+    subscription: str = Field("gate-usage-sink", min_length=1)  # created on usage.destination if missing
+    emulator_host: str | None = None  # else PUBSUB_EMULATOR_HOST, else Google's endpoint
+    max_messages: int = Field(500, ge=1)  # flow control: messages held unacknowledged at most
+
+
+class SinkDatabaseSettings(_Section):
+    url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/gate")
+    schema_name: str = Field("public", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+    migrate: bool = True  # apply the schema migrations at start (else: `gate usage-sink --migrate-only` first)
+    connect_timeout: Duration = 10.0
+
+
+class SinkBigQuerySettings(_Section):
+    project_id: str | None = None  # None: the credentials' project
+    dataset: str = "gate"
+    table: str = "usage_events"
+    create_table: bool = False  # create the partitioned, clustered table if missing
+
+    @field_validator("project_id", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+
+class SinkReportSettings(_Section):
+    enabled: bool = True
+    admin_group: str = Field("gate-admins", min_length=1)  # only callers in this group see the report
+
+
+class SinkServerSettings(_Section):
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(8081, ge=0, le=65535)
+
+
+class UsageSinkSettings(_Section):
+    """``gate usage-sink``: usage events from the broker into PostgreSQL (and BigQuery), and the usage report."""
+
+    source: Literal["rabbitmq", "pubsub"] = "rabbitmq"
+    targets: list[Literal["postgresql", "bigquery"]] = Field(["postgresql"], min_length=1)
+    batch_size: int = Field(200, ge=1)
+    batch_linger: Duration = 0.05  # a batch is written when full or this long after its first event
+    retry_initial: Duration = 0.5
+    retry_max: Duration = 30.0
+    rabbitmq: SinkRabbitMQSettings = SinkRabbitMQSettings()
+    pubsub: SinkPubSubSettings = SinkPubSubSettings()
+    database: SinkDatabaseSettings = SinkDatabaseSettings()
+    bigquery: SinkBigQuerySettings = SinkBigQuerySettings()
+    report: SinkReportSettings = SinkReportSettings()
+    server: SinkServerSettings = SinkServerSettings()
+
+
+# ---------------------------------------------------------------------------------------------- sign-in (Claude Code)
+
+
+class StoreSettings(_Section):
+    """Shared state with TTLs: sign-in device grants, refresh bookkeeping, rate-limit counters, session keys."""
+
+    backend: Literal["sqlite", "postgres"] = "sqlite"
+    sqlite_path: str = "./data/gate-store.sqlite3"
+    postgres_url: SecretStr = SecretStr("")
+    # Fernet keys (``Fernet.generate_key()``); the first encrypts, all decrypt (rotation). Empty: with SQLite a
+    # key is generated beside the database file; PostgreSQL (several replicas) needs them configured.
+    encryption_keys: list[SecretStr] = []
+    sweep_interval: Duration = 30.0
+
+    @field_validator("encryption_keys")
+    @classmethod
+    def _fernet_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        from cryptography.fernet import Fernet
+
+        for index, key in enumerate(keys):
+            try:
+                Fernet(key.get_secret_value().encode())
+            except (ValueError, TypeError):
+                raise ValueError(f"encryption key #{index} is not a Fernet key (32 url-safe base64 bytes)") from None
+        return keys
+
+    @model_validator(mode="after")
+    def _postgres_needs(self) -> StoreSettings:
+        if self.backend == "postgres":
+            if not self.postgres_url.get_secret_value().strip():
+                raise ValueError("store.backend is postgres but store.postgres-url is empty")
+            if not self.encryption_keys:
+                raise ValueError("store.backend postgres needs store.encryption-keys (shared by every replica)")
+        return self
+
+
+class IdentityProviderSettings(_Section):
+    """The company IdP that people sign in with (OpenID Connect, discovered from ``issuer``)."""
+
+    issuer: str | None = None
+    client_id: str = ""
+    client_secret: SecretStr = SecretStr("")
+    auth_method: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
+    scopes: list[str] = ["openid", "profile", "email", "offline_access"]
+    prompt: str | None = None  # e.g. "consent": some IdPs grant offline_access (a refresh token) only then
+    claims: ClaimSettings = ClaimSettings()
+    require_verified_email: bool = True  # refuse an id_token whose email_verified is false
+    timeout: Duration = 5.0
+
+
+class SessionSigningKey(_Section):
+    kid: str = Field(min_length=1, max_length=64)
+    private_key: SecretStr  # PEM private key: RSA (>= 2048 bits, RS256) or Ed25519 (EdDSA)
+
+
+class SessionSettings(_Section):
+    lifetime: Duration = 3600.0
+    refresh_lifetime: Duration = 30 * 86400.0  # an unused refresh token is forgotten after this
+    # A refresh token used again this soon after its refresh gets the same answer: two Claude Code processes
+    # sharing one credentials file refresh at the same moment, and the slower one must not lose the session.
+    refresh_reuse_grace: Duration = 30.0
+    # The first signs, every one verifies (rotation). Empty: one is generated and kept (encrypted) in the store.
+    signing_keys: list[SessionSigningKey] = []
+
+    @field_validator("lifetime")
+    @classmethod
+    def _lifetime(cls, value: float) -> float:
+        if not 60 <= value <= 86400:
+            raise ValueError("between 1m and 24h")
+        return value
+
+
+class DeviceFlowSettings(_Section):
+    code_lifetime: Duration = 600.0
+    poll_interval: int = Field(5, ge=1, le=60)  # seconds, as RFC 8628 counts them
+
+
+class SignInLimitSettings(_Section):
+    """Per client address, per ``window`` (RFC 8628 section 5.1)."""
+
+    window: Duration = 600.0
+    device_authorizations: int = Field(30, ge=1)
+    device_posts: int = Field(10, ge=1)
+    token_requests: int = Field(600, ge=1)
+
+
+class TelemetryDestination(_Section):
+    url: str
+    headers: dict[str, SecretStr] = {}
+    signals: list[Literal["metrics", "logs", "traces"]] = ["metrics", "logs", "traces"]
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"not an http(s) URL: {value!r}")
+        return value.rstrip("/")
+
+
+class TelemetryRelaySettings(_Section):
+    """Where Claude Code's own OTLP telemetry (``/v1/metrics|logs|traces``) goes; never used for billing."""
+
+    forward_to: list[TelemetryDestination] = []
+    timeout: Duration = 10.0
+    max_in_flight: int = Field(128, ge=1)
+
+
+class SignInSettings(_Section):
+    """Claude Code's gateway sign-in (``/login`` -> Cloud gateway): device flow, IdP, Gate sessions."""
+
+    enabled: bool = False
+    public_url: str | None = None  # how people and Claude Code reach Gate; the issuer of its session tokens
+    idp: IdentityProviderSettings = IdentityProviderSettings()
+    allowed_email_domains: list[str] = []  # empty: any
+    allowed_groups: list[str] = []  # empty: any
+    session: SessionSettings = SessionSettings()
+    device: DeviceFlowSettings = DeviceFlowSettings()
+    limits: SignInLimitSettings = SignInLimitSettings()
+    telemetry: TelemetryRelaySettings = TelemetryRelaySettings()
+
+    @field_validator("public_url", mode="before")
+    @classmethod
+    def _public_url(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip().rstrip("/") or None
+            if value is not None and not re.match(r"^https?://[^/\s?#]+$", value):
+                raise ValueError(f"an origin such as https://gate.example.com, without a path (got {value!r})")
+        return value
+
+    @model_validator(mode="after")
+    def _complete(self) -> SignInSettings:
+        if self.enabled:
+            missing = [
+                name
+                for name, value in (
+                    ("sign-in.public-url", self.public_url),
+                    ("sign-in.idp.issuer", self.idp.issuer),
+                    ("sign-in.idp.client-id", self.idp.client_id),
+                )
+                if not value
+            ]
+            if missing:
+                raise ValueError(
+                    f"sign-in is enabled but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set"
+                )
+            if "openid" not in self.idp.scopes:
+                raise ValueError("sign-in.idp.scopes must include openid")
+        return self
+
+
+class PolicyMatch(_Section):
+    groups: list[str] = []
+    email_domains: list[str] = []
+
+
+class PolicySettings(_Section):
+    """What callers may do by group and e-mail domain; a policy with an empty ``match`` is the catch-all base."""
+
+    name: str = Field(min_length=1)
+    match: PolicyMatch = PolicyMatch()
+    models: list[str] | None = None  # exact ids, or prefixes ending in '*'; None: no restriction from this policy
+    managed_settings: dict[str, Any] | None = None  # Claude Code's managed-settings.json for these callers
+
+
 class GateSettings(_Section):
     """The whole configuration. ``profiles`` and ``sources`` are filled in by the loader."""
 
@@ -453,7 +759,12 @@ class GateSettings(_Section):
     anthropic: AnthropicSettings = AnthropicSettings()
     resilience: ResilienceSettings = ResilienceSettings()
     usage: UsageSettings = UsageSettings()
+    prices: PricesSettings = PricesSettings()
+    usage_sink: UsageSinkSettings = UsageSinkSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
+    sign_in: SignInSettings = SignInSettings()
+    store: StoreSettings = StoreSettings()
+    policies: list[PolicySettings] = []
     profiles: tuple[str, ...] = ("local",)
     sources: tuple[str, ...] = ()
 

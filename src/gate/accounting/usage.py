@@ -43,6 +43,7 @@ class UsageRecord:
     web_fetch_requests: int | None = None
     service_tier: str | None = None
     claude_code_session_id: str | None = None
+    groups: list[str] | None = None  # the caller's groups (Identity.groups, sorted); None when it has none
     event_id: str = ""  # CloudEvent id, made once when the record is made, stable across redeliveries
     time: str = ""  # RFC 3339 UTC with milliseconds, when the upstream call ended
 

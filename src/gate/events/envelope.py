@@ -21,7 +21,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from cloudevents.core.exceptions import CloudEventValidationError
@@ -29,6 +29,9 @@ from cloudevents.core.v1.event import CloudEvent
 
 from gate.accounting.usage import UsageRecord
 from gate.ops.bounds import MAX_FIELD_CHARS, bounded
+
+if TYPE_CHECKING:
+    from gate.accounting.prices import PriceTable
 
 __all__ = [
     "DATA_CONTENT_TYPE",
@@ -61,6 +64,7 @@ OPTIONAL_DATA_FIELDS = frozenset(
         "web_fetch_requests",
         "service_tier",
         "claude_code_session_id",
+        "groups",
     }
 )
 _ATTRIBUTE_FIELDS = frozenset({"subject", "event_id", "time"})  # record fields that become attributes
@@ -116,8 +120,13 @@ def build_event(
     source: str,
     event_id: str | None = None,
     at: float | None = None,
+    prices: PriceTable | None = None,
 ) -> dict[str, Any]:
-    """The event as a dict: ``id`` and ``time`` come from the record, else from ``event_id``/``at``/now."""
+    """The event as a dict: ``id`` and ``time`` come from the record, else from ``event_id``/``at``/now.
+
+    With ``prices``, ``data`` gains ``cost`` (exact decimal USD as a string) and ``price_version``, priced at the
+    event's time; both are left out when the model has no price.
+    """
     data: dict[str, Any] = dict(zip(_DATA_FIELDS, _read_data(record), strict=True))
     for name in _OPTIONAL_IN_ORDER:
         if data[name] is None:
@@ -126,6 +135,8 @@ def build_event(
         if type(value) is str and len(value) > MAX_FIELD_CHARS:
             data[name] = bounded(value)
     stamp = record.time or rfc3339_millis(time.time() if at is None else at)
+    if prices is not None:
+        _add_cost(data, record, prices, stamp)
     attributes: dict[str, Any] = {
         "specversion": SPECVERSION,
         "id": record.event_id or event_id or new_event_id(),
@@ -150,6 +161,19 @@ def build_event(
     event["time"] = stamp  # RFC 3339 with milliseconds, as the original service wrote it
     event["data"] = validated.get_data()
     return event
+
+
+def _add_cost(data: dict[str, Any], record: UsageRecord, prices: PriceTable, stamp: str) -> None:
+    from gate.accounting.prices import format_usd
+
+    try:
+        when = datetime.datetime.fromisoformat(stamp)
+    except ValueError:
+        when = None
+    cost = prices.cost(record, at=when)
+    if cost is not None:
+        data["cost"] = format_usd(cost.usd)
+        data["price_version"] = cost.version
 
 
 def encode_event(event: dict[str, Any]) -> bytes:

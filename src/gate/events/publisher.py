@@ -25,6 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from gate.accounting.prices import PriceTable
 from gate.accounting.usage import UsageRecord
 from gate.events.envelope import build_event, encode_event, new_event_ids
 from gate.events.outbox import Outbox, OutboxError, PendingEvent
@@ -91,8 +92,9 @@ class UsageEvents:
     confirmation).
     """
 
-    def __init__(self, settings: UsageSettings, *, sink: Sink | None = None) -> None:
+    def __init__(self, settings: UsageSettings, *, sink: Sink | None = None, prices: PriceTable | None = None) -> None:
         self._settings = settings
+        self._prices = prices  # events are priced as they are built, in the writer thread: off the request path
         self._enabled = settings.publisher != "none"
         self._max_events = settings.outbox.max_events
         self._alarm_depth = math.ceil(settings.outbox.max_events * settings.outbox.alarm_ratio)
@@ -314,10 +316,12 @@ class UsageEvents:
         buffer = self._buffer
         # Only what is there now: under a flood of publishes the commits still come every interval.
         taken = [buffer.popleft() for _ in range(len(buffer))]
-        event_type, source = self._settings.event_type, self._settings.event_source
+        event_type, source, prices = self._settings.event_type, self._settings.event_source, self._prices
         for (record, at), event_id in zip(taken, new_event_ids(len(taken)), strict=True):
             try:
-                event = build_event(record, event_type=event_type, source=source, event_id=event_id, at=at)
+                event = build_event(
+                    record, event_type=event_type, source=source, event_id=event_id, at=at, prices=prices
+                )
                 rows.append((event["id"], at, encode_event(event)))
             except (TypeError, ValueError) as exc:  # orjson's encode error is a TypeError
                 self._unencodable += 1

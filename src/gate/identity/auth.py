@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 
 import aiohttp
 import jwt
@@ -459,6 +459,14 @@ def _max_age(cache_control: str | None) -> int | None:
 # ---------------------------------------------------------------------------------------------- verifier
 
 
+class SessionVerifier(Protocol):
+    """Gate's own session tokens (``gate.identity.sessions.SessionTokens``), recognised by their key ids."""
+
+    kids: frozenset[str]
+
+    def verify(self, token: str, kid: str) -> Identity: ...
+
+
 class Authenticator:
     """Turns a request's credentials into an :class:`Identity`, or refuses with :class:`AuthError`.
 
@@ -475,6 +483,7 @@ class Authenticator:
         if not dev_auth and not settings.jwk_set_uri:
             raise ValueError("security.jwt.jwk-set-uri is required unless development auth is on")
         self.on_refresh = None
+        self.sessions: SessionVerifier | None = None  # Gate's own session tokens, when sign-in is on
         self.verifications = 0  # signature checks done (cache misses that got as far as a key)
         self.cache_hits = 0
         self._settings = settings
@@ -612,6 +621,10 @@ class Authenticator:
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise AuthError("malformed", "the token's key id (kid) is not a string")
+        sessions = self.sessions
+        if sessions is not None and kid in sessions.kids:  # Gate's own session token: its keys, no network
+            self.verifications += 1
+            return sessions.verify(token, kid)
         key = await self._find_key(kid, family)
         verifier = key.verifiers.get(algorithm)
         if verifier is None:

@@ -32,7 +32,7 @@ class Health:
         keys = gate.keys.snapshot()
         count = _count(keys.get("count"))
         available = _count(keys.get("available"))
-        return {
+        components: dict[str, dict[str, Any]] = {
             "circuitBreaker": {"status": _BREAKER_STATUS.get(str(breaker.get("state")), "UNKNOWN"), "details": breaker},
             "pubsub": gate.events.health(),
             "apiKeys": {
@@ -42,6 +42,9 @@ class Health:
             "jwks": gate.auth.health(),
             "lifecycle": {"status": "DOWN" if gate.draining else "UP", "details": {"draining": gate.draining}},
         }
+        if gate.signin is not None:
+            components["signIn"] = gate.signin.health()
+        return components
 
     async def overall(self, request: Request) -> Response:
         components = self.components()

@@ -74,6 +74,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if not (has .Values.tls.clientAuth (list "none" "want" "need")) }}
 {{- fail "tls.clientAuth must be none, want or need" }}
 {{- end }}
+{{- if and (eq .Values.store.backend "postgres") (not .Values.store.postgresUrlSecret.name) }}
+{{- fail "store.backend postgres needs store.postgresUrlSecret.name" }}
+{{- end }}
 {{- if and .Values.tls.enabled (eq .Values.tls.clientAuth "need") (not .Values.management.port) }}
 {{- fail "tls.clientAuth need requires management.port: the kubelet's probes carry no client certificate" }}
 {{- end }}

@@ -1,0 +1,1 @@
+"""Shared state with TTLs and atomic counters: ``gate.store.kv`` (``KeyValueStore``, SQLite or PostgreSQL)."""

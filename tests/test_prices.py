@@ -1,0 +1,265 @@
+"""The price table: cost of a usage record by hand computation, for every token type and every fixture, price
+versions by effective date, pattern resolution, and ``cost`` / ``price_version`` in the usage event end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import pytest
+
+from gate.accounting.prices import PriceTable, format_usd
+from gate.accounting.usage import UsageMeter, UsageRecord
+from gate.events.envelope import build_event
+from gate.settings import ConfigError, load_settings
+from tests.fake_anthropic import FakeAnthropic, Reply, fixture
+from tests.harness import RunningGate, read_events
+
+UTC = datetime.UTC
+M = Decimal(1_000_000)
+
+
+def packaged_table() -> PriceTable:
+    return PriceTable.from_settings(load_settings(profiles=["local"], env={}, config_dir="/nonexistent"))
+
+
+def record_from(fixture_name: str, *, stream: bool, time: str = "2026-06-01T12:00:00.000Z") -> UsageRecord:
+    """The record the relay would make for this upstream answer (the meter reads the fixture as Gate does)."""
+    meter = UsageMeter(stream=stream)
+    meter.feed(fixture(fixture_name))
+    meter.finish()
+    return UsageRecord(
+        subject="alice",
+        model=meter.model,
+        message_id=meter.message_id,
+        input_tokens=meter.input_tokens,
+        output_tokens=meter.output_tokens,
+        cache_creation_tokens=meter.cache_creation_tokens,
+        cache_read_tokens=meter.cache_read_tokens,
+        latency_ms=1,
+        stream=stream,
+        stop_reason=meter.stop_reason,
+        status="success",
+        error_type=None,
+        key_alias="primary",
+        trace_id=None,
+        anthropic_request_id=None,
+        cache_creation_5m_tokens=meter.cache_creation_5m_tokens,
+        cache_creation_1h_tokens=meter.cache_creation_1h_tokens,
+        web_search_requests=meter.web_search_requests,
+        time=time,
+    )
+
+
+def table(*entries: dict[str, Any]) -> PriceTable:
+    settings = load_settings(
+        profiles=["local"], env={}, config_dir="/nonexistent", overrides={"prices": {"models": list(entries)}}
+    )
+    return PriceTable.from_settings(settings.prices)
+
+
+def version(effective_from: str, input: str, output: str, **rest: str) -> dict[str, str]:
+    return {
+        "effective-from": effective_from,
+        "input": input,
+        "output": output,
+        "cache-write-5m": rest.get("cw5", "0"),
+        "cache-write-1h": rest.get("cw1", "0"),
+        "cache-read": rest.get("cr", "0"),
+        "web-search": rest.get("ws", "0"),
+        **({"version": rest["label"]} if "label" in rest else {}),
+    }
+
+
+# ------------------------------------------------------------------------------------- hand computations
+
+
+def test_json_answer_with_cache_writes_of_both_ttls_and_cache_reads() -> None:
+    # message-prompt-caching.json: Sonnet 4.5, input 21, output 393, cache read 4096, writes 1500 (5 m) + 551 (1 h)
+    record = record_from("message-prompt-caching.json", stream=False)
+    cost = packaged_table().cost(record)
+    assert cost is not None
+    hand = (
+        21 * Decimal(3) + 393 * Decimal(15) + 1500 * Decimal("3.75") + 551 * Decimal(6) + 4096 * Decimal("0.30")
+    ) / M
+    assert cost.usd == hand == Decimal("0.0161178")
+    assert format_usd(cost.usd) == "0.0161178"
+    assert cost.version == "claude-sonnet-4*@2025-05-22"
+
+
+def test_stream_with_cache_writes_and_reads_matches_the_json_answer() -> None:
+    record = record_from("stream-prompt-caching-usage.sse", stream=True)
+    assert (record.cache_creation_5m_tokens, record.cache_creation_1h_tokens) == (1500, 551)
+    cost = packaged_table().cost(record)
+    assert cost is not None and format_usd(cost.usd) == "0.0161178"
+
+
+def test_plain_stream() -> None:
+    # stream-basic.sse: Opus 4.6, input 25, output 15
+    cost = packaged_table().cost(record_from("stream-basic.sse", stream=True))
+    assert cost is not None
+    assert cost.usd == (25 * Decimal(5) + 15 * Decimal(25)) / M
+    assert format_usd(cost.usd) == "0.0005"
+
+
+def test_stream_of_claude_3_haiku() -> None:
+    # stream-tool-use.sse: claude-3-haiku-20240307, input 472, output 89
+    cost = packaged_table().cost(record_from("stream-tool-use.sse", stream=True))
+    assert cost is not None
+    assert format_usd(cost.usd) == format_usd((472 * Decimal("0.25") + 89 * Decimal("1.25")) / M) == "0.00022925"
+
+
+def test_web_search_is_priced_per_thousand_requests() -> None:
+    # stream-web-search-usage.sse: Opus 4.1, input 10682 (raised by message_delta), output 510, 1 web search
+    record = record_from("stream-web-search-usage.sse", stream=True)
+    assert record.web_search_requests == 1
+    cost = packaged_table().cost(record)
+    assert cost is not None
+    assert cost.usd == (10682 * Decimal(15) + 510 * Decimal(75)) / M + Decimal(10) / 1000
+    assert format_usd(cost.usd) == "0.20848"
+
+
+def test_cache_writes_without_a_ttl_split_are_priced_at_five_minutes() -> None:
+    record = dataclasses.replace(
+        record_from("message-basic.json", stream=False),
+        model="claude-haiku-4-5",
+        input_tokens=0,
+        output_tokens=0,
+        cache_creation_tokens=1000,
+        cache_read_tokens=0,
+    )
+    cost = packaged_table().cost(record)
+    assert cost is not None and cost.usd == 1000 * Decimal("1.25") / M
+
+
+def test_unpriced_model_has_no_cost_and_the_event_no_cost_fields() -> None:
+    record = record_from("message-basic.json", stream=False)  # model claude-opus-5: not in the table
+    prices = packaged_table()
+    assert prices.cost(record) is None
+    data = build_event(record, event_type="t", source="/s", prices=prices)["data"]
+    assert "cost" not in data and "price_version" not in data
+    assert prices.cost(dataclasses.replace(record, model=None)) is None
+
+
+def test_the_event_carries_cost_as_an_exact_string_and_the_version() -> None:
+    record = record_from("stream-web-search-usage.sse", stream=True)
+    data = build_event(record, event_type="t", source="/s", prices=packaged_table())["data"]
+    assert data["cost"] == "0.20848"
+    assert data["price_version"] == "claude-opus-4*@2025-05-22"
+
+
+def test_no_floats_anywhere() -> None:
+    price = packaged_table().price("claude-3-5-haiku-20241022")
+    assert price is not None
+    for field in dataclasses.fields(price):
+        value = getattr(price, field.name)
+        assert not isinstance(value, float)
+    assert price.input == Decimal("0.80")
+
+
+# ------------------------------------------------------------------------------------------ versions
+
+
+def test_a_price_change_applies_from_its_effective_date() -> None:
+    prices = table(
+        {
+            "match": ["claude-sonnet-4*"],
+            "versions": [
+                version("2025-05-22", "3", "15", label="list-2025"),
+                version("2026-07-01T00:00:00Z", "2", "10", label="contract-2026"),
+            ],
+        }
+    )
+    record = record_from("message-prompt-caching.json", stream=False)  # input 21, output 393 (other prices 0)
+    before = prices.cost(dataclasses.replace(record, time="2026-06-30T23:59:59.999Z"))
+    after = prices.cost(dataclasses.replace(record, time="2026-07-01T00:00:00.000Z"))
+    assert before is not None and after is not None
+    assert (before.version, before.usd) == ("list-2025", (21 * 3 + 393 * 15) / M)
+    assert (after.version, after.usd) == ("contract-2026", (21 * 2 + 393 * 10) / M)
+    # before the first version there is no price; an explicit `at` wins over the record's time
+    assert prices.cost(dataclasses.replace(record, time="2025-05-21T23:59:59.000Z")) is None
+    at = datetime.datetime(2026, 8, 1, tzinfo=UTC)
+    assert prices.cost(dataclasses.replace(record, time="2025-01-01T00:00:00.000Z"), at=at) == after
+    # build_event prices at the event's time
+    event = build_event(
+        dataclasses.replace(record, time="2026-07-01T00:00:00.000Z"), event_type="t", source="/s", prices=prices
+    )
+    assert event["data"]["price_version"] == "contract-2026"
+
+
+def test_exact_id_wins_then_the_longest_prefix() -> None:
+    prices = table(
+        {"match": ["claude-*"], "versions": [version("2024-01-01", "1", "1")]},
+        {"match": ["claude-sonnet-4*"], "versions": [version("2024-01-01", "2", "2")]},
+        {"match": ["claude-sonnet-4-5*"], "versions": [version("2024-01-01", "3", "3")]},
+        {"match": ["claude-sonnet-4-5"], "versions": [version("2024-01-01", "4", "4")]},
+    )
+    at = datetime.datetime(2025, 1, 1, tzinfo=UTC)
+
+    def input_price(model: str) -> Decimal | None:
+        price = prices.price(model, at)
+        return None if price is None else price.input
+
+    assert input_price("claude-sonnet-4-5") == 4
+    assert input_price("claude-sonnet-4-5-20250929") == 3
+    assert input_price("claude-sonnet-4-20250514") == 2
+    assert input_price("claude-haiku-4-5") == 1
+    assert input_price("gpt-4") is None
+    assert prices.price("claude-sonnet-4-5", at).version == "claude-sonnet-4-5@2024-01-01"  # type: ignore[union-attr]
+
+
+def test_estimate_prices_input_as_input_and_output_as_output() -> None:
+    prices = packaged_table()
+    assert (
+        prices.estimate("claude-sonnet-4-5", input_tokens=1000, output_tokens=4096)
+        == (1000 * Decimal(3) + 4096 * Decimal(15)) / M
+    )
+    assert prices.estimate("unknown-model", input_tokens=1, output_tokens=1) is None
+
+
+@pytest.mark.parametrize(
+    ("entry", "complaint"),
+    [
+        ({"match": ["*"], "versions": [version("2024-01-01", "1", "1")]}, "prefix"),
+        ({"match": ["claude-*-x"], "versions": [version("2024-01-01", "1", "1")]}, "prefix"),
+        ({"match": ["m"], "versions": [version("2024-01-01", "-1", "1")]}, "non-negative"),
+        ({"match": ["m"], "versions": [version("2024-01-01", "abc", "1")]}, "not an amount"),
+        ({"match": ["m"], "versions": [version("yesterday", "1", "1")]}, "not a date"),
+        ({"match": ["m"], "versions": [version("2024-01-01", "1", "1"), version("2024-01-01", "2", "2")]}, "same"),
+        ({"match": ["m"], "versions": [{"effective-from": "2024-01-01", "input": "1"}]}, "output"),
+    ],
+)
+def test_bad_price_configuration_is_refused_with_the_key(entry: dict[str, Any], complaint: str) -> None:
+    with pytest.raises(ConfigError, match=r"prices\.models") as caught:
+        table(entry)
+    assert complaint in str(caught.value)
+
+
+def test_yaml_floats_are_read_by_their_text() -> None:
+    prices = table({"match": ["m"], "versions": [{**version("2024-01-01", "0", "0"), "cache-read": 0.3}]})
+    price = prices.price("m")
+    assert price is not None and price.cache_read == Decimal("0.3")
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def test_usage_events_from_gate_carry_cost_and_price_version(
+    tmp_path: Path, fake: FakeAnthropic, start_gate: Any
+) -> None:
+    gate: RunningGate = start_gate()
+    fake.enqueue(Reply(fixture="message-prompt-caching.json"), Reply(fixture="stream-web-search-usage.sse"))
+    client = anthropic.Anthropic(base_url=gate.url, api_key=gate.token(), max_retries=0)
+    client.messages.create(model="claude-haiku-4-5", max_tokens=64, messages=[{"role": "user", "content": "hi"}])
+    with client.messages.stream(
+        model="claude-opus-4-1", max_tokens=64, messages=[{"role": "user", "content": "hi"}]
+    ) as stream:
+        stream.until_done()
+    path = Path(gate.settings.usage.file.path)
+    events = read_events(path, 2)
+    assert [e["data"]["cost"] for e in events] == ["0.0161178", "0.20848"]
+    assert [e["data"]["price_version"] for e in events] == ["claude-sonnet-4*@2025-05-22", "claude-opus-4*@2025-05-22"]
