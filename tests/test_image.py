@@ -154,6 +154,8 @@ def test_the_final_stage_has_no_build_tool_no_pip_and_no_dev_dependency(image: s
         # every native extension a profile may load finds its system libraries in the scratch image
         "import grpc, google.cloud.pubsub_v1, uvloop, orjson, httptools, pydantic_core, aiormq, sqlite3, ssl, lzma\n"
         "from cryptography.hazmat.bindings import _rust\n"
+        "from gate.usagesink.report import _plotly_js\n"
+        "assert len(_plotly_js()) > 1_000_000  # the report's script survives the image's trimming of plotly\n"
         "import os; capath = ssl.get_default_verify_paths().capath\n"
         "trusted = sum(os.path.exists(os.path.join(capath, f)) for f in os.listdir(capath) if f.endswith('.0'))\n"
         "print(mods, tools, os.path.exists(cached), trusted > 100, shutil.which('sh'))\n"

@@ -30,6 +30,12 @@ cp -a "/etc/$version" "$root/etc/"   # Debian's sitecustomize lives there
     lib-dynload/readline* lib-dynload/_dbm* lib-dynload/nis* lib-dynload/ossaudiodev* lib-dynload/audioop*
 )
 cp -a "$venv" "$root/opt/"
+# What no code path of Gate imports: plotly serves the usage report nothing but package_data/plotly.min.js
+# (gate/usagesink/report.py); its figure classes, validators and Jupyter extension are about 50 MB.
+# tests/test_image.py checks that the report's script is still served from the image.
+for site in "$root$venv"/lib/python3*/site-packages; do
+  rm -rf "$site/plotly/graph_objs" "$site/plotly/validators" "$site/plotly/labextension"
+done
 
 # Every system library that python, its extension modules and the wheels' shared objects link to.
 {
