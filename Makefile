@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint bench bench-quick bench-soak lock clean
+.PHONY: install run test lint bench bench-quick bench-soak lock clean image image-run chart
 
 install: $(STAMP)
 
@@ -28,6 +28,23 @@ lint: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src
 	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile
+
+# The container image, built with podman (as root, no daemon). Where no registry is reachable the first build makes
+# the base image with debootstrap (2-3 min, cached in /var/cache/gate-image-base); `docker build .` works as well.
+IMAGE ?= localhost/gate:latest
+image:
+	deploy/image/build.sh $(IMAGE)
+
+# Run it on the host's network: http://127.0.0.1:8080/actuator/health (development auth, events in a volume).
+image-run: image
+	deploy/image/podman.sh run --rm --network host --env ANTHROPIC_API_KEY --volume gate-data:/app/data $(IMAGE)
+
+# The Helm chart rendered (and linted) through Helm's library: build/gate-chart.yaml. VALUES=path/to/values.yaml
+chart: install
+	@mkdir -p build
+	$(BIN)/python deploy/helm/render.py $(if $(VALUES),-f $(VALUES)) > build/gate-chart.yaml
+	@echo "rendered build/gate-chart.yaml"
 
 # The full suite (~13 min, unattended): rewrites benchmarks/RESULTS.md and benchmarks/results/latest.json.
 bench: install
@@ -47,4 +64,4 @@ lock: install
 	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache data
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache data build

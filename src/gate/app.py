@@ -19,6 +19,7 @@ from gate import __version__
 from gate.accounting.prices import PriceTable
 from gate.events import UsageEvents
 from gate.http.server import HttpServer, Request, Response, Router
+from gate.http.tls import server_context
 from gate.identity.auth import Authenticator
 from gate.ops.errors import error_response
 from gate.ops.health import Health
@@ -34,6 +35,7 @@ from gate.settings import ConfigError, GateSettings, UpstreamSettings
 from gate.upstreams.adapter import Adapter, Upstreams, UpstreamUnavailable
 from gate.upstreams.anthropic import AnthropicAdapter, Upstream
 from gate.upstreams.breaker import CircuitBreaker
+from gate.upstreams.keyfiles import KeyFiles
 from gate.upstreams.keys import KeyPool
 from gate.upstreams.probe import KeyProber
 
@@ -76,6 +78,7 @@ class Gate:
     events: UsageEvents = field(init=False)
     health: Health = field(init=False)
     relay: Relay = field(init=False)
+    key_files: KeyFiles | None = field(init=False, default=None)
     managed: ManagedSettings = field(init=False)
     otlp: TelemetryRelay = field(init=False)
     signin: SignIn | None = None  # when sign-in is enabled
@@ -94,6 +97,9 @@ class Gate:
         self.keys = KeyPool(
             api.usable_keys, api.key_health, on_event=telemetry.on_key_event, selection=api.key_selection
         )
+        if api.key_files.dir is not None:  # keys from a mounted Secret, re-read while running
+            self.key_files = KeyFiles(api.key_files, self.keys, api.usable_keys)
+            self.key_files.load()
         self.prober = KeyProber(
             self.keys,
             self.upstream,
@@ -254,6 +260,8 @@ class Gate:
         await self.events.start()
         if self.limits is not None:
             await self.limits.start()
+        if self.key_files is not None:
+            self.key_files.start()
         if not self.keys and any(a.kind == "anthropic" for a in self.upstreams):
             log.warning("no Anthropic API key is configured: /v1/* answers 503 until one is (see README)")
 
@@ -271,6 +279,8 @@ class Gate:
     async def stop(self) -> None:
         self.draining = True
         flush_access_log()
+        if self.key_files is not None:
+            await self.key_files.close()
         await self.events.close(self.settings.server.shutdown.flush_timeout)
         await self.otlp.close()
         if self.signin is not None:
@@ -326,10 +336,11 @@ async def serve(
     main = gate.http_server(gate.router(management=settings.management.server.port is None))
     management = None
     try:
+        tls = server_context(server.ssl)
         if sock is not None:
-            port = await main.listen(sock=sock)
+            port = await main.listen(sock=sock, ssl=tls)
         else:
-            port = await main.listen(server.host, server.port, reuse_port=server.workers > 1)
+            port = await main.listen(server.host, server.port, reuse_port=server.workers > 1, ssl=tls)
         if settings.management.server.port is not None:
             management = gate.http_server(gate.management_router())
             mgmt = settings.management.server
@@ -339,13 +350,19 @@ async def serve(
         await main.shutdown(0)
         await gate.stop()  # close the outbox, sessions and exporters before reporting the failure
         raise
+    scheme = "https" if server.ssl.enabled else "http"
     if gate.management_port is not None:
         mgmt_host = settings.management.server.host or server.host
         log.info(
-            "listening on http://%s:%d, management on http://%s:%d", server.host, port, mgmt_host, gate.management_port
+            "listening on %s://%s:%d, management on http://%s:%d",
+            scheme,
+            server.host,
+            port,
+            mgmt_host,
+            gate.management_port,
         )
     else:
-        log.info("listening on http://%s:%d", server.host, port)
+        log.info("listening on %s://%s:%d", scheme, server.host, port)
     if announce:
         gate.announce_ready()
     if ready is not None:
@@ -356,6 +373,8 @@ async def serve(
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        if gate.key_files is not None:
+            loop.add_signal_handler(signal.SIGHUP, gate.key_files.reload_now)
     await stop.wait()
     log.info("shutting down: draining in-flight requests for up to %.0fs", server.shutdown.drain_timeout)
     gate.draining = True
@@ -439,6 +458,8 @@ class _Workers:
         reports = []
         signal.signal(signal.SIGTERM, self._forward)  # before the first child: none is left behind
         signal.signal(signal.SIGINT, self._forward)
+        if self._settings.anthropic.api.key_files.dir is not None:  # else SIGHUP keeps its default meaning
+            signal.signal(signal.SIGHUP, self._forward_hup)
         for index in range(settings.server.workers):
             receive, send = self._ctx.Pipe(duplex=False)
             child = self._ctx.Process(
@@ -531,6 +552,11 @@ class _Workers:
         for child in self._children:
             if child.pid is not None and child.is_alive():
                 os.kill(child.pid, signal.SIGTERM)
+
+    def _forward_hup(self, signum: int, _frame: Any) -> None:
+        for child in self._children:
+            if child.pid is not None and child.is_alive():
+                os.kill(child.pid, signal.SIGHUP)  # each worker re-reads its key files
 
     def _stop_all(self) -> None:
         self._stopping = True

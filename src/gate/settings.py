@@ -208,12 +208,37 @@ class LimitsSettings(_Section):
     keep_alive_timeout: PositiveDuration = 75.0
 
 
+class SslSettings(_Section):
+    """TLS on Gate's own port, for deployments without a TLS-terminating ingress (PEM files, as Spring Boot's)."""
+
+    certificate: str | None = None  # the server's certificate chain; TLS is on when this is set
+    certificate_private_key: str | None = None
+    trust_certificate: str | None = None  # CA bundle for client certificates (mutual TLS)
+    client_auth: Literal["none", "want", "need"] | None = None  # None: "need" with a trust-certificate, else "none"
+
+    @field_validator("certificate", "certificate_private_key", "trust_certificate", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _client_auth_needs_trust(self) -> SslSettings:
+        if self.client_auth in ("want", "need") and self.trust_certificate is None:
+            raise ValueError("client-auth want/need needs trust-certificate (the CA of the client certificates)")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.certificate is not None
+
+
 class ServerSettings(_Section):
     host: str = Field("127.0.0.1", min_length=1)  # an empty host would bind every interface
     port: int = Field(8080, ge=0, le=65535)
     workers: int = Field(1, ge=1, le=256)
     shutdown: ShutdownSettings = ShutdownSettings()
     limits: LimitsSettings = LimitsSettings()
+    ssl: SslSettings = SslSettings()
 
 
 class ManagementServerSettings(_Section):
@@ -299,9 +324,22 @@ class RetrySettings(_Section):
     connect_attempts: int = Field(2, ge=1, le=10)  # attempts on a connection failure
 
 
+class KeyFilesSettings(_Section):
+    """A directory of key files (a mounted Kubernetes Secret): file name = alias, content = key; re-read live."""
+
+    dir: str | None = None  # blank: off (so an environment variable can switch off a profile's directory)
+    poll_interval: Duration = Field(2.0, gt=0)  # SIGHUP re-reads at once
+
+    @field_validator("dir", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+
 class AnthropicApiSettings(_Section):
     base_url: str = "https://api.anthropic.com"
     keys: list[ApiKey] = []
+    key_files: KeyFilesSettings = KeyFilesSettings()
     default_version: str = "2023-06-01"
     pool_size: int = Field(0, ge=0)  # 0: unlimited connections to upstream
     # An idle connection is reused this long at most, so Gate lets go of it before a load balancer or proxy on the

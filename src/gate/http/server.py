@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from email.utils import formatdate
 from http import HTTPStatus
+from ssl import SSLContext
 from typing import Any, cast
 
 import httptools
@@ -977,13 +978,22 @@ class HttpServer:
         return _Connection(self)
 
     async def listen(
-        self, host: str | None = None, port: int = 0, *, sock: Any = None, reuse_port: bool = False, backlog: int = 1024
+        self,
+        host: str | None = None,
+        port: int = 0,
+        *,
+        sock: Any = None,
+        reuse_port: bool = False,
+        backlog: int = 1024,
+        ssl: SSLContext | None = None,
     ) -> int:
-        """Starts accepting; returns the bound port."""
+        """Starts accepting (over TLS with ``ssl``); returns the bound port."""
+        # A TLS handshake gets the header deadline: connection_made, where the header clock starts, follows it.
+        tls: dict[str, Any] = {"ssl": ssl, "ssl_handshake_timeout": self.header_timeout} if ssl is not None else {}
         if sock is not None:
-            server = await self.loop.create_server(self, sock=sock, backlog=backlog)
+            server = await self.loop.create_server(self, sock=sock, backlog=backlog, **tls)
         else:
-            server = await self.loop.create_server(self, host, port, reuse_port=reuse_port, backlog=backlog)
+            server = await self.loop.create_server(self, host, port, reuse_port=reuse_port, backlog=backlog, **tls)
         self._servers.append(server)
         for bound in server.sockets:
             return int(bound.getsockname()[1])

@@ -78,13 +78,17 @@ class KeyPool:
         self._until = [0.0] * len(self._keys)
         self._out = 0
         self.on_quarantine: Callable[[Key], None] | None = None  # the prober, set by the app
-        # Session affinity: key indices by organisation.
+        self._selection = selection
+        self._group_organizations(keys)
+
+    def _group_organizations(self, keys: Sequence[ApiKey]) -> None:
+        """Session affinity: key indices by organisation (a key without one is an organisation of its own)."""
         by_org: dict[str, list[int]] = {}
         for i, key in enumerate(keys):
             by_org.setdefault(key.organization or f"key:{key.alias}", []).append(i)
         self._orgs = tuple((org, tuple(indices)) for org, indices in by_org.items())
         self._org_turn = dict.fromkeys(by_org, 0)
-        self._affine = selection == "session-affinity" and len(self._orgs) > 1
+        self._affine = self._selection == "session-affinity" and len(self._orgs) > 1
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -275,6 +279,40 @@ class KeyPool:
     def _emit(self, kind: KeyEvent, alias: str) -> None:
         if self._on_event is not None:
             self._on_event(kind, alias)
+
+    def replace_keys(self, keys: Sequence[ApiKey]) -> tuple[list[str], list[str], list[str]]:
+        """Swap the pool's keys for ``keys`` (a reload of mounted key files); returns (added, removed, rotated).
+
+        A removed key is never handed out again; a key whose value changed comes back into rotation (its rest
+        was about the old value); an unchanged key keeps its cooldown or quarantine. Calls in flight keep the
+        ``Key`` they hold, so they finish on it. Call it on the thread that serves requests (Gate's event loop):
+        ``acquire`` reads the pool's size before it takes the lock.
+        """
+        fresh = tuple(Key(key.alias, key.value.get_secret_value()) for key in keys)
+        index = {key.alias: i for i, key in enumerate(fresh)}
+        if len(index) != len(fresh):
+            raise ValueError("key aliases must be unique")
+        with self._lock:
+            old = {key.alias: (key, self._state[i], self._until[i]) for i, key in enumerate(self._keys)}
+            state: list[KeyState] = []
+            until: list[float] = []
+            added: list[str] = []
+            rotated: list[str] = []
+            for key in fresh:
+                before = old.get(key.alias)
+                if before is not None and before[0].value == key.value:
+                    state.append(before[1])
+                    until.append(before[2])
+                    continue
+                (added if before is None else rotated).append(key.alias)
+                state.append("available")
+                until.append(0.0)
+            removed = [alias for alias in old if alias not in index]
+            self._keys, self._index, self._state, self._until = fresh, index, state, until
+            self._out = sum(1 for s in state if s != "available")
+            self._group_organizations(keys)
+            self._next = self._next % len(fresh) if fresh else 0
+        return added, removed, rotated
 
 
 def _rendezvous(organization: str, affinity: str) -> int:
