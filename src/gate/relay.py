@@ -24,6 +24,7 @@ from gate.accounting.usage import UsageMeter, UsageRecord, filter_accept_encodin
 from gate.events import UsageEvents
 from gate.events.envelope import rfc3339_millis
 from gate.http.client import ClientError, ConnectError, ConnectTimeout
+from gate.http.deadlines import Deadlines
 from gate.http.server import BadBody, BodyTooLarge, Request, Response, StreamResponse
 from gate.identity.auth import Authenticator, AuthError, www_authenticate
 from gate.ops.errors import error_response, error_type_for
@@ -236,7 +237,7 @@ class Relay:
         self._body_timeout = server_limits.body_timeout
         self._access_log = settings.observability.logging.access_log
         shortest = min(self._headers_timeout, self._idle_timeout, self._send_timeout, self._body_timeout)
-        self._watchdogs = _Watchdogs(max(min(1.0, shortest / 8), 0.005))
+        self._watchdogs = Deadlines(max(min(1.0, shortest / 8), 0.005))
 
     # ------------------------------------------------------------------------------------------- handlers
 
@@ -676,6 +677,7 @@ class Relay:
             raise _ClientGone() from None
         exchange.response = response
         watchdog = self._watchdogs.watch(self._idle_timeout)
+        on_client = False  # whose deadline runs: upstream's silence, or a client that takes nothing
         try:
             while True:
                 waited_from = perf_counter()
@@ -693,15 +695,17 @@ class Relay:
                     if exchange.ttft_ms is None and meter.content_started:
                         exchange.ttft_ms = int((perf_counter() - exchange.started) * 1000)
                 if response.send(chunk):
-                    watchdog.wait_for_client(self._send_timeout)
+                    on_client = True
+                    watchdog.touch(self._send_timeout)
                     await response.drain()
-                    watchdog.touch()
+                    on_client = False
+                    watchdog.touch(self._idle_timeout)
             await response.write_eof()
         except ConnectionError:
             raise _ClientGone() from None
         except asyncio.CancelledError:
             if watchdog.absorb_cancel():
-                if watchdog.on_client:
+                if on_client:
                     raise _ClientStalled(response) from None
                 raise _UpstreamBroke("timeout_error", response) from None
             raise
@@ -787,82 +791,6 @@ class _UpstreamBroke(Exception):
         super().__init__(error_type)
         self.error_type = error_type
         self.response = response  # set when the client already has part of the answer
-
-
-class _Watchdogs:
-    """One timer for every watchdog of a relay: a sweep every ``resolution`` seconds fires the overdue ones.
-
-    Profiled, a timer per request (``call_at`` then ``cancel``) was a visible cost; joining and leaving a set is
-    not. A deadline fires between its time and one ``resolution`` later.
-    """
-
-    __slots__ = ("_handle", "_loop", "_resolution", "_watching")
-
-    def __init__(self, resolution: float) -> None:
-        self._resolution = resolution
-        self._watching: set[_IdleWatchdog] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._handle: asyncio.TimerHandle | None = None
-
-    def watch(self, timeout: float) -> _IdleWatchdog:
-        loop = asyncio.get_running_loop()
-        watchdog = _IdleWatchdog(self, loop, timeout)
-        self._watching.add(watchdog)
-        if self._handle is None or self._loop is not loop:
-            self._loop = loop
-            self._handle = loop.call_later(self._resolution, self._sweep)
-        return watchdog
-
-    def forget(self, watchdog: _IdleWatchdog) -> None:
-        self._watching.discard(watchdog)
-
-    def _sweep(self) -> None:
-        loop = self._loop
-        assert loop is not None
-        now = loop.time()
-        for watchdog in [w for w in self._watching if now >= w.due]:
-            self._watching.discard(watchdog)
-            watchdog.fire()
-        self._handle = loop.call_later(self._resolution, self._sweep) if self._watching else None
-
-
-class _IdleWatchdog:
-    """Cancels its task when its deadline passes: ``timeout`` after the last ``touch`` (upstream's silence), or
-    after ``wait_for_client`` (the client's). Moving the deadline only stores a number."""
-
-    __slots__ = ("_loop", "_owner", "_task", "_timeout", "due", "fired", "on_client")
-
-    def __init__(self, owner: _Watchdogs, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
-        self._owner = owner
-        self._loop = loop
-        self._task = asyncio.current_task()
-        self._timeout = timeout
-        self.due = loop.time() + timeout
-        self.fired = False
-        self.on_client = False  # whether the deadline running is the client's
-
-    def touch(self) -> None:
-        self.due = self._loop.time() + self._timeout
-        self.on_client = False
-
-    def wait_for_client(self, timeout: float) -> None:
-        self.due = self._loop.time() + timeout
-        self.on_client = True
-
-    def fire(self) -> None:
-        self.fired = True
-        if self._task is not None:
-            self._task.cancel()
-
-    def stop(self) -> None:
-        self._owner.forget(self)
-
-    def absorb_cancel(self) -> bool:
-        """On a CancelledError: True (and the task's cancel request withdrawn) when this watchdog caused it."""
-        if not self.fired or self._task is None:
-            return False
-        self._task.uncancel()
-        return True
 
 
 def _parse_json_object(body: bytes) -> dict[str, Any] | str:

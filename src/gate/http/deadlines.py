@@ -101,8 +101,11 @@ class Deadline:
         self.due = loop.time() + timeout
         self.expired = False
 
-    def touch(self) -> None:
-        """Progress: the deadline is ``timeout`` seconds from now again (if it has not fired yet)."""
+    def touch(self, timeout: float | None = None) -> None:
+        """Progress: the deadline is ``timeout`` (or the last one) seconds from now again. Unlike ``restart`` it
+        never re-arms a deadline that already fired, so a cancel it sent is still owned by it."""
+        if timeout is not None:
+            self.timeout = timeout
         self.due = self._loop.time() + self.timeout
 
     def restart(self, timeout: float | None = None) -> None:
