@@ -31,7 +31,7 @@ def parse_lock(text: str) -> dict[str, tuple[str, set[str]]]:
         pin = _PIN.match(line)
         if pin:
             current = normalise(pin.group(1))
-            pins[current] = (f"{pin.group(1)}=={pin.group(3)}", set())
+            pins[current] = (line.strip(), set())  # with its environment marker, if the lock gives one
             continue
         via = _VIA.match(line)
         if via and current is not None and not line.strip().startswith("# This file"):
