@@ -275,6 +275,33 @@ def test_the_fast_access_writer_cuts_long_strings_too(configure: Configure) -> N
     assert len(out.getvalue()) < 2048
 
 
+def test_the_console_access_line_takes_the_fast_path_in_the_formatters_shape(configure: Configure) -> None:
+    """``make run`` (the local profile logs to the console) must not pay the logging machinery per request."""
+    fields = {
+        "method": "POST", "path": "/v1/messages", "status": 200, "latency_ms": 2.0, "sub": "alice",
+        "model": "claude-sonnet-4-5", "output_tokens": 6, "trace_id": "0af7651916cd43dd8448eb211c80319c",
+        "span_id": "b7ad6b7169203331", "key": "sk-ant-api03-" + "x" * 40,
+    }  # fmt: skip
+    slow = configure("console")
+    logging.getLogger().addHandler(logging.NullHandler())  # another handler beside Gate's: the logging path
+    assert logs._fast_access_writer() is None
+    access_line(dict(fields))
+    out = configure("console")
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if isinstance(h, logs._GateHandler)]  # as in production
+    assert logs._fast_access_writer() is not None
+    access_line(dict(fields))
+    access_line({**fields, "model": "m" * 99999})
+    flush_access_log()
+    fast, cut = lines(out)
+    (expected,) = [line for line in lines(slow) if " gate.access: " in line]
+    assert fast.split(" ", 1)[1] == expected.split(" ", 1)[1]  # the same line but for the time
+    assert " INFO    gate.access: POST /v1/messages 200 2.0ms " in fast
+    assert fast.endswith(" [0af7651916cd43dd8448eb211c80319c b7ad6b7169203331]")
+    assert "sk-ant-api03-" + "x" * 40 not in out.getvalue()
+    assert len(cut) < 2 * MAX_FIELD_CHARS + 500
+
+
 def test_access_log_can_be_silenced(configure: Configure) -> None:
     out = configure("json")
     logging.getLogger("gate.access").setLevel(logging.WARNING)
