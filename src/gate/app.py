@@ -21,6 +21,7 @@ from gate.events import UsageEvents
 from gate.http.server import HttpServer, Request, Response, Router
 from gate.http.tls import server_context
 from gate.identity.auth import Authenticator
+from gate.ops import heap
 from gate.ops.errors import error_response
 from gate.ops.health import Health
 from gate.ops.logs import flush_access_log
@@ -392,7 +393,7 @@ def run(settings: GateSettings) -> int:
     """
     if settings.server.workers > 1:
         return _Workers(settings).run()
-    _run_loop(serve(settings))
+    _run_loop(serve(settings, ready=lambda _port: heap.settle()))
     return 0
 
 
@@ -579,6 +580,7 @@ def _worker_main(settings: GateSettings, index: int, report: Any) -> None:
     gates: list[Gate] = []
 
     def ready(port: int) -> None:
+        heap.settle()
         report.send(("ready", (port, gates[0].management_port if gates else None)))
 
     try:
