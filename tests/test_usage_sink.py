@@ -21,6 +21,7 @@ from gate.events.envelope import to_binary
 from gate.usagesink.postgres import PostgresStore, migrate
 from gate.usagesink.rows import BadEvent, from_amqp, from_pubsub, row_from_event
 from gate.usagesink.service import UsageSink
+from gate.usagesink.sources import Delivery
 from tests.brokers import pubsub_emulator_host, rabbitmq  # noqa: F401 - fixtures
 from tests.faultproxy import FaultProxy
 from tests.sinksupport import (
@@ -303,7 +304,20 @@ async def test_the_sink_starts_while_the_database_is_down_and_migrates_when_it_c
     sink = await task
     await publish(rig.exchange, [event_bytes(record())])
     await until(lambda: rig.count() == 1, "the row")
-    assert sink.health()["status"] == "UP"
+    assert sink.health()["status"] == "UP", sink.health()
+
+
+async def test_a_settle_cut_off_by_the_broker_going_away_does_not_end_the_writer(rig: Rig) -> None:
+    """aiormq cancels an acknowledgement in flight when the connection closes: a CancelledError the writer did not
+    ask for. It ended the writer task, so the sink consumed and never wrote again."""
+    sink = await rig.start_sink()
+
+    async def cut_off() -> None:
+        raise asyncio.CancelledError  # what aiormq's drain future gives when its connection closes
+
+    await sink._settle([Delivery(None, "not a CloudEvent", cut_off, cut_off)])  # rejected: the reject is cut off
+    await publish(rig.exchange, [event_bytes(record())])
+    await until(lambda: rig.count() == 1, "the next event written")
 
 
 # --------------------------------------------------------------------------------------------- Pub/Sub

@@ -126,6 +126,7 @@ class UsageSink:
         while True:  # the database may come up after the sink: wait for it rather than crash-loop
             try:
                 await asyncio.to_thread(migrate, self.settings.usage_sink.database)
+                self.store.last_error = None  # the database answered: health says so before the first write
                 return
             except Exception as exc:  # noqa: BLE001 - SQLAlchemy wraps the driver's errors in its own tree
                 message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -143,7 +144,7 @@ class UsageSink:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace):  # the queue may be full behind a database that is down
                 await self._queue.put(_STOP)
-                await asyncio.shield(writer)
+                await asyncio.wait({writer})  # its end, whatever it was: stop() reports nothing of the writer's
         writer.cancel()
         await asyncio.gather(writer, return_exceptions=True)
         await self.source.close()
@@ -236,6 +237,13 @@ class UsageSink:
     async def _settle_one(self, settle: Callable[[], Any]) -> None:
         try:
             await settle()
+        except asyncio.CancelledError:
+            # aiormq cancels an acknowledgement in flight when its connection closes: that is the broker going
+            # away, not this task being stopped, and it must not end the writer (every later batch would wait).
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            log.info("usage sink: the broker connection closed while settling a message; it will be redelivered")
         except Exception as exc:  # noqa: BLE001 - the channel is gone: the broker redelivers, the key dedups
             log.info("usage sink: could not settle a message (%s: %s); it will be redelivered", type(exc).__name__, exc)
 
