@@ -221,6 +221,163 @@ def test_estimate_prices_input_as_input_and_output_as_output() -> None:
     assert prices.estimate("unknown-model", input_tokens=1, output_tokens=1) is None
 
 
+# ------------------------------------------------------------------------------------- prompt length
+
+
+def tiered(**long_prompt: str | int) -> PriceTable:
+    """A fixture table (not the packaged one): one model priced by prompt length, 100,000 tokens the threshold."""
+    tier: dict[str, str | int] = {
+        "threshold-tokens": 100_000,
+        "input": "0.50",
+        "output": "2.50",
+        "cache-write-5m": "0.625",
+        "cache-write-1h": "1",
+        "cache-read": "0.05",
+    }
+    base = version("2026-10-07", "0.10", "0.50", cw5="0.125", cw1="0.20", cr="0.01", ws="10", label="list")
+    return table({"match": ["tiered-model"], "versions": [{**base, "long-prompt": {**tier, **long_prompt}}]})
+
+
+def prompt_of(input_tokens: int, *, cache_read: int = 30_000, five: int = 6_000, hour: int = 4_000) -> UsageRecord:
+    """A call whose prompt is input + 30,000 cache reads + 6,000 + 4,000 cache writes, with 2,000 output tokens."""
+    return dataclasses.replace(
+        record_from("message-basic.json", stream=False, time="2026-11-01T00:00:00.000Z"),
+        model="tiered-model",
+        input_tokens=input_tokens,
+        output_tokens=2_000,
+        cache_read_tokens=cache_read,
+        cache_creation_tokens=five + hour,
+        cache_creation_5m_tokens=five,
+        cache_creation_1h_tokens=hour,
+        web_search_requests=None,
+    )
+
+
+def test_a_prompt_at_or_below_the_threshold_pays_the_version_prices() -> None:
+    prices = tiered()
+    at = prices.cost(prompt_of(60_000))  # prompt 60,000 + 30,000 + 6,000 + 4,000 = 100,000: not over
+    below = prices.cost(prompt_of(59_999))
+    assert at is not None and below is not None
+    assert (
+        at.usd
+        == (
+            60_000 * Decimal("0.10")
+            + 2_000 * Decimal("0.50")
+            + 6_000 * Decimal("0.125")
+            + 4_000 * Decimal("0.20")
+            + 30_000 * Decimal("0.01")
+        )
+        / M
+    )
+    assert (at.usd, at.version) == (Decimal("0.00885"), "list")
+    assert (below.usd, below.version) == (Decimal("0.0088499"), "list")
+
+
+def test_a_prompt_over_the_threshold_pays_the_long_prompt_prices_on_every_token() -> None:
+    cost = tiered().cost(prompt_of(60_001))  # prompt 100,001: input, cache reads and writes, and output too
+    assert cost is not None
+    assert (
+        cost.usd
+        == (
+            60_001 * Decimal("0.50")
+            + 2_000 * Decimal("2.50")
+            + 6_000 * Decimal("0.625")
+            + 4_000 * Decimal(1)
+            + 30_000 * Decimal("0.05")
+        )
+        / M
+    )
+    assert (cost.usd, cost.version) == (Decimal("0.0442505"), "list+long-prompt")
+    assert format_usd(cost.usd) == "0.0442505"
+
+
+def test_the_prompt_counts_cache_reads_and_writes_but_not_output() -> None:
+    prices = tiered()
+
+    def version_of(record: UsageRecord) -> str:
+        cost = prices.cost(record)
+        assert cost is not None
+        return cost.version
+
+    # the same 100,001 prompt tokens, however they split, cross the threshold
+    assert version_of(prompt_of(1, cache_read=100_000, five=0, hour=0)) == "list+long-prompt"
+    assert version_of(prompt_of(1, cache_read=0, five=100_000, hour=0)) == "list+long-prompt"
+    assert version_of(prompt_of(1, cache_read=0, five=0, hour=100_000)) == "list+long-prompt"
+    # cache writes reported without a TTL split count too (and are priced at 5 minutes)
+    unsplit = dataclasses.replace(prompt_of(70_000, five=0, hour=0), cache_creation_tokens=1)
+    assert version_of(unsplit) == "list+long-prompt"
+    # output tokens are not prompt
+    assert version_of(dataclasses.replace(prompt_of(100_000, cache_read=0, five=0, hour=0), output_tokens=99_999)) == (
+        "list"
+    )
+
+
+def test_web_search_keeps_the_version_price_over_the_threshold() -> None:
+    record = dataclasses.replace(prompt_of(100_001, cache_read=0, five=0, hour=0), output_tokens=0)
+    cost = tiered().cost(dataclasses.replace(record, web_search_requests=3))
+    assert cost is not None
+    assert cost.usd == 100_001 * Decimal("0.50") / M + 3 * Decimal(10) / 1000
+
+
+def test_the_estimate_takes_the_long_prompt_prices_when_the_input_alone_is_over() -> None:
+    prices = tiered()
+    assert (
+        prices.estimate("tiered-model", input_tokens=100_000, output_tokens=1_000)
+        == (100_000 * Decimal("0.10") + 1_000 * Decimal("0.50")) / M
+    )
+    assert (
+        prices.estimate("tiered-model", input_tokens=100_001, output_tokens=1_000)
+        == (100_001 * Decimal("0.50") + 1_000 * Decimal("2.50")) / M
+    )
+
+
+def test_a_version_without_long_prompt_prices_any_prompt_alike() -> None:
+    prices = table({"match": ["m"], "versions": [version("2024-01-01", "1", "2", label="flat")]})
+    record = dataclasses.replace(prompt_of(5_000_000), model="m")
+    cost = prices.cost(record)
+    assert cost is not None and cost.version == "flat"
+    assert cost.usd == (5_000_000 * Decimal(1) + 2_000 * Decimal(2)) / M
+
+
+def test_the_printed_configuration_keeps_long_prompt_prices_as_text() -> None:
+    settings = load_settings(
+        profiles=["local"],
+        env={},
+        config_dir="/nonexistent",
+        overrides={
+            "prices": {
+                "models": [
+                    {
+                        "match": ["m"],
+                        "versions": [
+                            {
+                                **version("2024-01-01", "1", "2"),
+                                "long-prompt": {
+                                    "threshold-tokens": 10,
+                                    "input": "0.5",
+                                    "output": "2.5",
+                                    "cache-write-5m": "0.625",
+                                    "cache-write-1h": "1",
+                                    "cache-read": "0.05",
+                                },
+                            }
+                        ],
+                    }
+                ]
+            }
+        },
+    )
+    (entry,) = settings.masked()["prices"]["models"]
+    assert entry["versions"][0]["long-prompt"] == {
+        "threshold-tokens": 10,
+        "input": "0.5",
+        "output": "2.5",
+        "cache-write-5m": "0.625",
+        "cache-write-1h": "1",
+        "cache-read": "0.05",
+    }
+
+
 @pytest.mark.parametrize(
     ("entry", "complaint"),
     [
@@ -231,6 +388,28 @@ def test_estimate_prices_input_as_input_and_output_as_output() -> None:
         ({"match": ["m"], "versions": [version("yesterday", "1", "1")]}, "not a date"),
         ({"match": ["m"], "versions": [version("2024-01-01", "1", "1"), version("2024-01-01", "2", "2")]}, "same"),
         ({"match": ["m"], "versions": [{"effective-from": "2024-01-01", "input": "1"}]}, "output"),
+        (
+            {"match": ["m"], "versions": [{**version("2024-01-01", "1", "1"), "long-prompt": {"threshold-tokens": 0}}]},
+            "threshold-tokens",
+        ),
+        (
+            {
+                "match": ["m"],
+                "versions": [
+                    {
+                        **version("2024-01-01", "1", "1"),
+                        "long-prompt": {
+                            "threshold-tokens": 100,
+                            "input": "1",
+                            "output": "1",
+                            "cache-write-5m": "1",
+                            "cache-write-1h": "1",
+                        },
+                    }
+                ],
+            },
+            "cache-read",
+        ),
     ],
 )
 def test_bad_price_configuration_is_refused_with_the_key(entry: dict[str, Any], complaint: str) -> None:
