@@ -137,7 +137,9 @@ def test_cache_writes_without_a_ttl_split_are_priced_at_five_minutes() -> None:
 
 
 def test_unpriced_model_has_no_cost_and_the_event_no_cost_fields() -> None:
-    record = record_from("message-basic.json", stream=False)  # model claude-opus-5: not in the table
+    # Claude Fable 5.2 is not in the packaged table (its cache prices were not confirmed), and Fable 5's row must
+    # not take it
+    record = dataclasses.replace(record_from("message-basic.json", stream=False), model="claude-fable-5-2")
     prices = packaged_table()
     assert prices.cost(record) is None
     data = build_event(record, event_type="t", source="/s", prices=prices)["data"]
@@ -159,6 +161,132 @@ def test_no_floats_anywhere() -> None:
         value = getattr(price, field.name)
         assert not isinstance(value, float)
     assert price.input == Decimal("0.80")
+
+
+# ------------------------------------------------------------------------------------- the packaged table
+
+# Anthropic's list prices, USD per million tokens: input, output, 5 m and 1 h cache writes, cache reads; and the
+# price version each model id resolves to (README, "Prices"; the sources are in application.yaml's comment).
+CURRENT = datetime.datetime(2026, 12, 3, tzinfo=UTC)
+LIST_PRICES = {
+    "claude-fable-5-1": (("10", "50", "12.50", "20", "0.25"), "claude-fable-5-1@2026-09-01"),
+    "claude-mythos-5-1": (("10", "50", "12.50", "20", "0.25"), "claude-mythos-5-1@2026-09-01"),
+    "claude-fable-5": (("10", "50", "12.50", "20", "1"), "claude-fable-5@2026-06-09"),
+    "claude-mythos-5": (("10", "50", "12.50", "20", "1"), "claude-mythos-5@2026-06-09"),
+    "claude-opus-5-5": (("4", "20", "5", "8", "0.20"), "claude-opus-5-5@2026-09-22"),
+    "claude-opus-5": (("5", "25", "6.25", "10", "0.50"), "claude-opus-5@2026-07-24"),
+    "claude-opus-4-8": (("5", "25", "6.25", "10", "0.50"), "claude-opus-4-8*@2026-05-28"),
+    "claude-opus-4-7": (("5", "25", "6.25", "10", "0.50"), "claude-opus-4-7*@2026-04-16"),
+    "claude-opus-4-6": (("5", "25", "6.25", "10", "0.50"), "claude-opus-4-6*@2026-02-05"),
+    "claude-opus-4-1-20250805": (("15", "75", "18.75", "30", "1.50"), "claude-opus-4*@2025-05-22"),
+    "claude-sonnet-5-5": (("2", "10", "2.50", "4", "0.10"), "claude-sonnet-5-5@2026-10-07"),
+    "claude-sonnet-5": (("2", "10", "2.50", "4", "0.20"), "claude-sonnet-5@2026-06-30"),
+    "claude-sonnet-4-6": (("3", "15", "3.75", "6", "0.30"), "claude-sonnet-4*@2025-05-22"),
+    "claude-haiku-4-5": (("1", "5", "1.25", "2", "0.10"), "claude-haiku-4-5*@2025-10-15"),
+}
+
+
+@pytest.mark.parametrize("model", sorted(LIST_PRICES))
+def test_each_model_id_resolves_to_its_own_row(model: str) -> None:
+    (input, output, cw5, cw1, cache_read), label = LIST_PRICES[model]
+    price = packaged_table().price(model, CURRENT)
+    assert price is not None, model
+    assert (price.input, price.output, price.cache_write_5m, price.cache_write_1h, price.cache_read) == tuple(
+        Decimal(v) for v in (input, output, cw5, cw1, cache_read)
+    )
+    assert price.web_search == 10 and price.long_prompt is None
+    assert price.version == label
+
+
+@pytest.mark.parametrize(
+    ("model", "row"),
+    [
+        ("claude-fable-5-1-20260901", "claude-fable-5-1-*"),
+        ("claude-mythos-5-1-20260901", "claude-mythos-5-1-*"),
+        ("claude-fable-5-20260609", "claude-fable-5-20*"),
+        ("claude-mythos-5-20260609", "claude-mythos-5-20*"),
+        ("claude-opus-5-5-20260922", "claude-opus-5-5-*"),
+        ("claude-opus-5-20260724", "claude-opus-5-20*"),
+        ("claude-opus-4-8-20260528", "claude-opus-4-8*"),
+        ("claude-opus-4-7-20260416", "claude-opus-4-7*"),
+        ("claude-sonnet-5-5-20260928", "claude-sonnet-5-5-*"),
+        ("claude-sonnet-5-20260630", "claude-sonnet-5-20*"),
+        ("claude-sonnet-4-6-20260217", "claude-sonnet-4*"),
+    ],
+)
+def test_dated_snapshot_ids_resolve_to_their_model_row(model: str, row: str) -> None:
+    price = packaged_table().price(model, CURRENT)
+    assert price is not None and price.version.startswith(row + "@"), (model, price)
+    undated = packaged_table().price(model[: model.rindex("-")], CURRENT)
+    assert undated is not None and (price.input, price.output, price.cache_read) == (
+        undated.input,
+        undated.output,
+        undated.cache_read,
+    )
+
+
+def test_a_minor_version_never_takes_its_elders_row() -> None:
+    prices = packaged_table()
+    sonnet_55, sonnet_5 = prices.price("claude-sonnet-5-5", CURRENT), prices.price("claude-sonnet-5", CURRENT)
+    assert sonnet_55 is not None and sonnet_5 is not None
+    assert (sonnet_55.version, sonnet_5.version) == ("claude-sonnet-5-5@2026-10-07", "claude-sonnet-5@2026-06-30")
+    assert (sonnet_55.cache_read, sonnet_5.cache_read) == (Decimal("0.10"), Decimal("0.20"))
+    # Opus 4.7 and 4.8 are not Opus 4's $15 / $75
+    for model in ("claude-opus-4-7", "claude-opus-4-8"):
+        price = prices.price(model, CURRENT)
+        assert price is not None and price.input == 5, model
+    # versions without a confirmed price, and future ones, are unpriced rather than borrowing a neighbour's price
+    for model in (
+        "claude-fable-5-2",
+        "claude-fable-5-2-20261109",
+        "claude-mythos-5-2",
+        "claude-haiku-5-5",
+        "claude-sonnet-5-7",
+        "claude-opus-5-7",
+        "claude-fable-5-10",
+        "claude-opus-5-5x",
+    ):
+        assert prices.price(model, CURRENT) is None, model
+
+
+def test_sonnet_5_5_cache_reads_cost_half_from_2026_10_07() -> None:
+    # Anthropic's release notes, October 7, 2026: Sonnet 5.5 cache reads from $0.20 to $0.10 per million tokens
+    prices = packaged_table()
+    record = dataclasses.replace(
+        record_from("message-prompt-caching.json", stream=False),  # input 21, output 393, 4096 read, 1500 + 551
+        model="claude-sonnet-5-5",
+    )
+    before = prices.cost(dataclasses.replace(record, time="2026-10-06T23:59:59.999Z"))
+    after = prices.cost(dataclasses.replace(record, time="2026-10-07T00:00:00.000Z"))
+    assert before is not None and after is not None
+    tokens = 21 * Decimal(2) + 393 * Decimal(10) + 1500 * Decimal("2.50") + 551 * Decimal(4)
+    assert (before.usd, before.version) == ((tokens + 4096 * Decimal("0.20")) / M, "claude-sonnet-5-5@2026-09-28")
+    assert (after.usd, after.version) == ((tokens + 4096 * Decimal("0.10")) / M, "claude-sonnet-5-5@2026-10-07")
+    assert (format_usd(before.usd), format_usd(after.usd)) == ("0.0107452", "0.0103356")
+    # before its first version the model has no price
+    assert prices.cost(dataclasses.replace(record, time="2026-09-27T23:59:59.999Z")) is None
+
+
+def test_fable_5_1_cache_reads_are_a_quarter_of_fable_5s() -> None:
+    prices = packaged_table()
+    record = dataclasses.replace(
+        record_from("message-prompt-caching.json", stream=False, time="2026-12-03T00:00:00.000Z"),
+        model="claude-fable-5-1",
+    )
+    cost = prices.cost(record)
+    older = prices.cost(dataclasses.replace(record, model="claude-fable-5"))
+    assert cost is not None and older is not None
+    writes_and_tokens = 21 * Decimal(10) + 393 * Decimal(50) + 1500 * Decimal("12.50") + 551 * Decimal(20)
+    assert cost.usd == (writes_and_tokens + 4096 * Decimal("0.25")) / M
+    assert older.usd == (writes_and_tokens + 4096 * Decimal(1)) / M
+    assert format_usd(cost.usd) == "0.050654"
+
+
+def test_the_packaged_configuration_validates() -> None:
+    settings = load_settings(profiles=["local"], env={}, config_dir="/nonexistent")
+    patterns = [p for entry in settings.prices.models for p in entry.match]
+    assert len(patterns) == len(set(patterns))
+    assert {"claude-sonnet-5-5", "claude-opus-5-5", "claude-fable-5-1", "claude-mythos-5"} <= set(patterns)
 
 
 # ------------------------------------------------------------------------------------------ versions
@@ -221,6 +349,163 @@ def test_estimate_prices_input_as_input_and_output_as_output() -> None:
     assert prices.estimate("unknown-model", input_tokens=1, output_tokens=1) is None
 
 
+# ------------------------------------------------------------------------------------- prompt length
+
+
+def tiered(**long_prompt: str | int) -> PriceTable:
+    """A fixture table (not the packaged one): one model priced by prompt length, 100,000 tokens the threshold."""
+    tier: dict[str, str | int] = {
+        "threshold-tokens": 100_000,
+        "input": "0.50",
+        "output": "2.50",
+        "cache-write-5m": "0.625",
+        "cache-write-1h": "1",
+        "cache-read": "0.05",
+    }
+    base = version("2026-10-07", "0.10", "0.50", cw5="0.125", cw1="0.20", cr="0.01", ws="10", label="list")
+    return table({"match": ["tiered-model"], "versions": [{**base, "long-prompt": {**tier, **long_prompt}}]})
+
+
+def prompt_of(input_tokens: int, *, cache_read: int = 30_000, five: int = 6_000, hour: int = 4_000) -> UsageRecord:
+    """A call whose prompt is input + 30,000 cache reads + 6,000 + 4,000 cache writes, with 2,000 output tokens."""
+    return dataclasses.replace(
+        record_from("message-basic.json", stream=False, time="2026-11-01T00:00:00.000Z"),
+        model="tiered-model",
+        input_tokens=input_tokens,
+        output_tokens=2_000,
+        cache_read_tokens=cache_read,
+        cache_creation_tokens=five + hour,
+        cache_creation_5m_tokens=five,
+        cache_creation_1h_tokens=hour,
+        web_search_requests=None,
+    )
+
+
+def test_a_prompt_at_or_below_the_threshold_pays_the_version_prices() -> None:
+    prices = tiered()
+    at = prices.cost(prompt_of(60_000))  # prompt 60,000 + 30,000 + 6,000 + 4,000 = 100,000: not over
+    below = prices.cost(prompt_of(59_999))
+    assert at is not None and below is not None
+    assert (
+        at.usd
+        == (
+            60_000 * Decimal("0.10")
+            + 2_000 * Decimal("0.50")
+            + 6_000 * Decimal("0.125")
+            + 4_000 * Decimal("0.20")
+            + 30_000 * Decimal("0.01")
+        )
+        / M
+    )
+    assert (at.usd, at.version) == (Decimal("0.00885"), "list")
+    assert (below.usd, below.version) == (Decimal("0.0088499"), "list")
+
+
+def test_a_prompt_over_the_threshold_pays_the_long_prompt_prices_on_every_token() -> None:
+    cost = tiered().cost(prompt_of(60_001))  # prompt 100,001: input, cache reads and writes, and output too
+    assert cost is not None
+    assert (
+        cost.usd
+        == (
+            60_001 * Decimal("0.50")
+            + 2_000 * Decimal("2.50")
+            + 6_000 * Decimal("0.625")
+            + 4_000 * Decimal(1)
+            + 30_000 * Decimal("0.05")
+        )
+        / M
+    )
+    assert (cost.usd, cost.version) == (Decimal("0.0442505"), "list+long-prompt")
+    assert format_usd(cost.usd) == "0.0442505"
+
+
+def test_the_prompt_counts_cache_reads_and_writes_but_not_output() -> None:
+    prices = tiered()
+
+    def version_of(record: UsageRecord) -> str:
+        cost = prices.cost(record)
+        assert cost is not None
+        return cost.version
+
+    # the same 100,001 prompt tokens, however they split, cross the threshold
+    assert version_of(prompt_of(1, cache_read=100_000, five=0, hour=0)) == "list+long-prompt"
+    assert version_of(prompt_of(1, cache_read=0, five=100_000, hour=0)) == "list+long-prompt"
+    assert version_of(prompt_of(1, cache_read=0, five=0, hour=100_000)) == "list+long-prompt"
+    # cache writes reported without a TTL split count too (and are priced at 5 minutes)
+    unsplit = dataclasses.replace(prompt_of(70_000, five=0, hour=0), cache_creation_tokens=1)
+    assert version_of(unsplit) == "list+long-prompt"
+    # output tokens are not prompt
+    assert version_of(dataclasses.replace(prompt_of(100_000, cache_read=0, five=0, hour=0), output_tokens=99_999)) == (
+        "list"
+    )
+
+
+def test_web_search_keeps_the_version_price_over_the_threshold() -> None:
+    record = dataclasses.replace(prompt_of(100_001, cache_read=0, five=0, hour=0), output_tokens=0)
+    cost = tiered().cost(dataclasses.replace(record, web_search_requests=3))
+    assert cost is not None
+    assert cost.usd == 100_001 * Decimal("0.50") / M + 3 * Decimal(10) / 1000
+
+
+def test_the_estimate_takes_the_long_prompt_prices_when_the_input_alone_is_over() -> None:
+    prices = tiered()
+    assert (
+        prices.estimate("tiered-model", input_tokens=100_000, output_tokens=1_000)
+        == (100_000 * Decimal("0.10") + 1_000 * Decimal("0.50")) / M
+    )
+    assert (
+        prices.estimate("tiered-model", input_tokens=100_001, output_tokens=1_000)
+        == (100_001 * Decimal("0.50") + 1_000 * Decimal("2.50")) / M
+    )
+
+
+def test_a_version_without_long_prompt_prices_any_prompt_alike() -> None:
+    prices = table({"match": ["m"], "versions": [version("2024-01-01", "1", "2", label="flat")]})
+    record = dataclasses.replace(prompt_of(5_000_000), model="m")
+    cost = prices.cost(record)
+    assert cost is not None and cost.version == "flat"
+    assert cost.usd == (5_000_000 * Decimal(1) + 2_000 * Decimal(2)) / M
+
+
+def test_the_printed_configuration_keeps_long_prompt_prices_as_text() -> None:
+    settings = load_settings(
+        profiles=["local"],
+        env={},
+        config_dir="/nonexistent",
+        overrides={
+            "prices": {
+                "models": [
+                    {
+                        "match": ["m"],
+                        "versions": [
+                            {
+                                **version("2024-01-01", "1", "2"),
+                                "long-prompt": {
+                                    "threshold-tokens": 10,
+                                    "input": "0.5",
+                                    "output": "2.5",
+                                    "cache-write-5m": "0.625",
+                                    "cache-write-1h": "1",
+                                    "cache-read": "0.05",
+                                },
+                            }
+                        ],
+                    }
+                ]
+            }
+        },
+    )
+    (entry,) = settings.masked()["prices"]["models"]
+    assert entry["versions"][0]["long-prompt"] == {
+        "threshold-tokens": 10,
+        "input": "0.5",
+        "output": "2.5",
+        "cache-write-5m": "0.625",
+        "cache-write-1h": "1",
+        "cache-read": "0.05",
+    }
+
+
 @pytest.mark.parametrize(
     ("entry", "complaint"),
     [
@@ -231,6 +516,28 @@ def test_estimate_prices_input_as_input_and_output_as_output() -> None:
         ({"match": ["m"], "versions": [version("yesterday", "1", "1")]}, "not a date"),
         ({"match": ["m"], "versions": [version("2024-01-01", "1", "1"), version("2024-01-01", "2", "2")]}, "same"),
         ({"match": ["m"], "versions": [{"effective-from": "2024-01-01", "input": "1"}]}, "output"),
+        (
+            {"match": ["m"], "versions": [{**version("2024-01-01", "1", "1"), "long-prompt": {"threshold-tokens": 0}}]},
+            "threshold-tokens",
+        ),
+        (
+            {
+                "match": ["m"],
+                "versions": [
+                    {
+                        **version("2024-01-01", "1", "1"),
+                        "long-prompt": {
+                            "threshold-tokens": 100,
+                            "input": "1",
+                            "output": "1",
+                            "cache-write-5m": "1",
+                            "cache-write-1h": "1",
+                        },
+                    }
+                ],
+            },
+            "cache-read",
+        ),
     ],
 )
 def test_bad_price_configuration_is_refused_with_the_key(entry: dict[str, Any], complaint: str) -> None:

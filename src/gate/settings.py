@@ -656,6 +656,18 @@ class UsageLimitsSettings(_Section):
         return value
 
 
+class LongPromptSettings(_Section):
+    """Token prices for a request whose prompt (input + cache reads + cache writes) is over ``threshold_tokens``:
+    they price every token of that request, output included. Web search keeps the version's price."""
+
+    threshold_tokens: int = Field(ge=1)  # a prompt of this many tokens or fewer pays the version's own prices
+    input: Usd
+    output: Usd
+    cache_write_5m: Usd
+    cache_write_1h: Usd
+    cache_read: Usd
+
+
 class PriceVersionSettings(_Section):
     """One version of a model's prices: tokens in USD per million, web search in USD per 1,000 requests."""
 
@@ -667,6 +679,7 @@ class PriceVersionSettings(_Section):
     cache_write_1h: Usd
     cache_read: Usd
     web_search: Usd
+    long_prompt: LongPromptSettings | None = None  # prices by prompt length (Anthropic's Haiku 5.5 style)
 
 
 class ModelPriceSettings(_Section):

@@ -2,8 +2,10 @@
 
 Prices are per model pattern (an exact model id, or a prefix ending in ``*``; an exact id wins, then the longest
 prefix) and come in versions with an effective date: the version in force at the call's time applies. Token prices
-are USD per million tokens, web search USD per 1,000 requests (Anthropic's conventions). Arithmetic is ``Decimal``
-only, never floats, and nothing is rounded: the cost is exact.
+are USD per million tokens, web search USD per 1,000 requests (Anthropic's conventions). A version may price by
+prompt length: over its ``long_prompt`` threshold (prompt = input + cache reads + cache writes) every token of the
+request takes the long-prompt prices, and the price version says so. Arithmetic is ``Decimal`` only, never floats,
+and nothing is rounded: the cost is exact.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from decimal import Decimal
 from gate.accounting.usage import UsageRecord
 from gate.settings import GateSettings, PricesSettings
 
-__all__ = ["Cost", "ModelPrice", "PriceTable", "format_usd"]
+__all__ = ["LONG_PROMPT_SUFFIX", "Cost", "LongPrompt", "ModelPrice", "PriceTable", "format_usd"]
 
 _PER_MILLION = Decimal(1_000_000)
 _PER_THOUSAND = Decimal(1_000)
+LONG_PROMPT_SUFFIX = "+long-prompt"  # added to the price version of a call its long-prompt prices priced
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +31,18 @@ class Cost:
 
     usd: Decimal
     version: str
+
+
+@dataclass(frozen=True, slots=True)
+class LongPrompt:
+    """Token prices (USD per million) for a request whose prompt is over ``threshold_tokens``: every token of it."""
+
+    threshold_tokens: int
+    input: Decimal
+    output: Decimal
+    cache_write_5m: Decimal
+    cache_write_1h: Decimal
+    cache_read: Decimal
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,22 +57,35 @@ class ModelPrice:
     cache_write_1h: Decimal
     cache_read: Decimal
     web_search: Decimal
+    long_prompt: LongPrompt | None = None
 
     def cost(self, record: UsageRecord) -> Decimal:
+        return self.charge(record).usd
+
+    def charge(self, record: UsageRecord) -> Cost:
+        """The exact cost of a record and the version that priced it (``+long-prompt`` when those prices did)."""
         # Anthropic reports the split of cache writes by TTL when the request asked for one; the total can be
         # larger than the split (older answers carry only the total): the rest was written with the default 5 m.
         five = record.cache_creation_5m_tokens or 0
         hour = record.cache_creation_1h_tokens or 0
         five += max(record.cache_creation_tokens - five - hour, 0)
+        rates = self.rates_for(record.input_tokens + record.cache_read_tokens + five + hour)
+        version = self.version if rates is self else self.version + LONG_PROMPT_SUFFIX
         tokens = (
-            record.input_tokens * self.input
-            + record.output_tokens * self.output
-            + five * self.cache_write_5m
-            + hour * self.cache_write_1h
-            + record.cache_read_tokens * self.cache_read
+            record.input_tokens * rates.input
+            + record.output_tokens * rates.output
+            + five * rates.cache_write_5m
+            + hour * rates.cache_write_1h
+            + record.cache_read_tokens * rates.cache_read
         )
         searches = (record.web_search_requests or 0) * self.web_search
-        return tokens / _PER_MILLION + searches / _PER_THOUSAND
+        return Cost(usd=tokens / _PER_MILLION + searches / _PER_THOUSAND, version=version)
+
+    def rates_for(self, prompt_tokens: int) -> ModelPrice | LongPrompt:
+        """The token prices of a request whose prompt is ``prompt_tokens`` long."""
+        if self.long_prompt is not None and prompt_tokens > self.long_prompt.threshold_tokens:
+            return self.long_prompt
+        return self
 
 
 class _Versions:
@@ -98,6 +126,7 @@ class PriceTable:
                 for version in entry.versions:
                     start = version.effective_from
                     label = version.version or f"{pattern}@{start.date().isoformat() if _midnight(start) else start}"
+                    tier = version.long_prompt
                     target.setdefault(key, []).append(
                         ModelPrice(
                             version=label,
@@ -108,6 +137,16 @@ class PriceTable:
                             cache_write_1h=version.cache_write_1h,
                             cache_read=version.cache_read,
                             web_search=version.web_search,
+                            long_prompt=None
+                            if tier is None
+                            else LongPrompt(
+                                threshold_tokens=tier.threshold_tokens,
+                                input=tier.input,
+                                output=tier.output,
+                                cache_write_5m=tier.cache_write_5m,
+                                cache_write_1h=tier.cache_write_1h,
+                                cache_read=tier.cache_read,
+                            ),
                         )
                     )
         return cls(exact, prefixes)
@@ -132,16 +171,18 @@ class PriceTable:
         price = self.price(record.model, at)
         if price is None:
             return None
-        return Cost(usd=price.cost(record), version=price.version)
+        return price.charge(record)
 
     def estimate(
         self, model: str, *, input_tokens: int, output_tokens: int, at: datetime.datetime | None = None
     ) -> Decimal | None:
-        """A worst-case figure for a reservation: input tokens at the input price, output at the output price."""
+        """A worst-case figure for a reservation: input tokens at the input price, output at the output price (the
+        long-prompt prices when ``input_tokens`` alone is over the version's threshold)."""
         price = self.price(model, at)
         if price is None:
             return None
-        return (input_tokens * price.input + output_tokens * price.output) / _PER_MILLION
+        rates = price.rates_for(input_tokens)
+        return (input_tokens * rates.input + output_tokens * rates.output) / _PER_MILLION
 
     def _resolve(self, model: str) -> _Versions | None:
         exact = self._exact.get(model)
