@@ -24,10 +24,9 @@ def test_settle_freezes_what_startup_left_and_makes_young_collections_rarer(rest
     heap.settle()
     assert gc.get_freeze_count() > 0  # startup's objects (this dict among them) are out of every later scan
     assert not gc.is_finalized(survivor)
-    young, middle, old = gc.get_threshold()
-    assert young == heap.YOUNG_THRESHOLD and (middle, old) == (10, 10)
+    assert gc.get_threshold() == heap.THRESHOLDS
     heap.settle()  # twice is harmless
-    assert gc.get_threshold()[0] == heap.YOUNG_THRESHOLD
+    assert gc.get_threshold() == heap.THRESHOLDS
 
 
 def test_gate_serve_settles_the_heap_once_its_ports_are_bound(
