@@ -58,7 +58,7 @@ class Contender:
     url: str = ""
     proc: Proc | None = None
     status: str = "pending"  # ok | skipped: why | failed: why
-    kinds: tuple[str, ...] = ("json_c1", "json_c50", "stream_c50", "paced_c50")  # measurements to run
+    kinds: tuple[str, ...] = ("json_c1", "stream_c1", "json_c50", "stream_c50", "paced_c50")  # measurements to run
     notes: list[str] = field(default_factory=list)
     config: Path | None = None  # the generated configuration file, shown in RESULTS.md
 

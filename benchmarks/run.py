@@ -32,9 +32,11 @@ from procs import Proc, free_port, wait_idle, wait_port
 BENCH_DIR = Path(__file__).resolve().parent
 PHASES = ("main", "streams", "scaling", "soak")
 SHOWN_ENV = {"GATE_PROFILES", "LITELLM_LOCAL_MODEL_COST_MAP", "LITELLM_LOG", "NO_DOCS"}
-# measurement -> (wrk script, connections). paced_c50 also runs the TTFB probe.
+# measurement -> (wrk script, connections). paced_c50 also runs the TTFB probe. The c=1 pair gives the latency
+# each contender adds (its p50 minus direct's), for JSON and for unpaced streams.
 KIND_SETTINGS = {
     "json_c1": ("json", 1),
+    "stream_c1": ("stream", 1),
     "json_c50": ("json", 50),
     "stream_c50": ("stream", 50),
     "paced_c50": ("paced", 50),
@@ -65,6 +67,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, help="default RESULTS.md for a full run, else .work/RESULTS-partial.md")
     p.add_argument("--json", type=Path, help="default results/latest.json for a full run, else under .work/")
     p.add_argument("--work-dir", type=Path, default=BENCH_DIR / ".work")
+    p.add_argument(
+        "--previous",
+        type=Path,
+        default=BENCH_DIR / "results" / "latest.json",
+        help="results to compare this run's medians with (default: the last full run's results/latest.json)",
+    )
     args = p.parse_args(argv)
     args.duration = args.duration or (2.0 if args.quick else 7.0)
     args.rounds = args.rounds or (1 if args.quick else 3)
@@ -528,12 +536,13 @@ def _brief(result: dict[str, Any]) -> str:
     if "error" in result:
         return f"error: {result['error']}"
     w = result["wrk"]
-    text = f"{w['rps']:9,.0f} req/s  p50 {w['p50']:7.3f}  p99 {w['p99']:7.3f} ms"
+    text = f"{w['rps']:9,.0f} req/s  p50 {w['p50']:7.3f}  p99 {w['p99']:7.3f}  p99.9 {w['p999']:7.3f} ms"
     if w["errors"] or w["non_2xx"]:
         text += f"  errors {w['errors']} non-2xx {w['non_2xx']}"
     t = result.get("ttfb", {})
     if t.get("ttfb_ms"):
-        text += f"  TTFB p50 {t['ttfb_ms']['p50']:.3f} p99 {t['ttfb_ms']['p99']:.3f} (n={t['count']})"
+        ms = t["ttfb_ms"]
+        text += f"  TTFB p50 {ms['p50']:.3f} p99 {ms['p99']:.3f} p99.9 {ms['p99.9']:.3f} (n={t['count']})"
     return text
 
 
@@ -559,6 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
+    previous = load_previous(args.previous)  # before a full run overwrites it
     t0 = time.monotonic()
     load_start = report.loadavg()
     bench = Bench(args)
@@ -606,21 +616,38 @@ def main(argv: list[str] | None = None) -> int:
         "phases": phases,
         "notes": bench.notes,
     }
-    results["targets"] = report.targets(summary, phases)
+    results["previous"] = (
+        {k: previous.get(k) for k in ("_path", "finished", "command")} if previous is not None else None
+    )
+    results["targets"] = report.targets(summary, phases, previous)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(report.render(results))
     print(f"wrote {args.output} and {args.json} in {results['elapsed_s']:.0f}s", flush=True)
     for t in results["targets"]:
-        print(f"  {t['verdict']:4}  {t['target']}: {t['value']} ({t['op']} {t['limit']})")
+        detail = f"; {t['detail']}" if t.get("detail") else ""
+        print(f"  {t['verdict']:4}  {t['target']}: {t['value']} ({t['op']} {t['limit']}){detail}")
     return 0
+
+
+def load_previous(path: Path) -> dict[str, Any] | None:
+    """The results file of an earlier run, with ``_path`` (relative to the repository when inside it), or None."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(data, dict) or "summary" not in data:
+        return None
+    resolved = path.resolve()
+    data["_path"] = str(resolved.relative_to(lineup.ROOT)) if resolved.is_relative_to(lineup.ROOT) else str(path)
+    return data
 
 
 def _estimate(args: argparse.Namespace) -> float:
     total = 0.0
     if "main" in args.phases:
-        total += 30 + len(args.names) * (5 + args.rounds * 3 * (args.duration + 1.5))
+        total += 30 + len(args.names) * (5 + args.rounds * len(KIND_SETTINGS) * (args.duration + 1.5))
     if "streams" in args.phases:
         total += len(args.streams_targets.split(",")) * (args.hold_seconds + 20)
     if "scaling" in args.phases:

@@ -70,8 +70,12 @@ async def exchange(
     return Reply(status, keep_alive)
 
 
-def percentiles(values: list[float], points: tuple[float, ...] = (50, 90, 99)) -> dict[str, float]:
-    """Nearest-rank percentiles (and max) of ``values``, rounded to microseconds; empty if no values."""
+def percentiles(values: list[float], points: tuple[float, ...] = (50, 90, 99, 99.9)) -> dict[str, float]:
+    """Nearest-rank percentiles (and max) of ``values``, rounded to microseconds; empty if no values.
+
+    Keys are ``p50``, ``p90``, ``p99``, ``p99.9`` and ``max``. Nearest rank: with fewer than 1,000 values p99.9 is
+    the largest value, and with fewer than 100, p99 is too.
+    """
     if not values:
         return {}
     ordered = sorted(values)
