@@ -24,14 +24,14 @@ from typing import Any
 
 import contenders as lineup
 import report
-from contenders import Contender, Setup, check_reaches_fake, fake_stats
+from contenders import Contender, Setup, check_reaches_fake, check_refuses, fake_stats
 from gate_rig import GateRig
 from load import run_wrk, write_script, wrk_available
 from procs import Proc, free_port, wait_idle, wait_port
 
 BENCH_DIR = Path(__file__).resolve().parent
 PHASES = ("main", "streams", "scaling", "soak")
-SHOWN_ENV = {"GATE_PROFILES", "LITELLM_LOCAL_MODEL_COST_MAP", "LITELLM_LOG", "NO_DOCS"}
+SHOWN_ENV = {"CLAUDE_GATEWAY_ALLOW_LOOPBACK", "GATE_PROFILES", "LITELLM_LOCAL_MODEL_COST_MAP", "LITELLM_LOG", "NO_DOCS"}
 # measurement -> (wrk script, connections). paced_c50 also runs the TTFB probe. The c=1 pair gives the latency
 # each contender adds (its p50 minus direct's), for JSON and for unpaced streams.
 KIND_SETTINGS = {
@@ -143,6 +143,7 @@ class Bench:
             k: write_script(self.work / "lua" / f"{k}.lua", self.rig.token, k)
             for k in ("json", "stream", "paced", "mixed")
         }
+        self.own_scripts: dict[str, dict[str, Path]] = {}  # per contender with a bearer of its own
         self.sampler = Sampler()
         self.started: list[Contender] = []
         self.fakes: list[Proc] = []
@@ -192,7 +193,9 @@ class Bench:
         try:
             c.start(self.work)
             self.started.append(c)
-            check_reaches_fake(c, fake_url, self.rig.token, c.ready_timeout, stream=stream_check)
+            check_reaches_fake(c, fake_url, self.token(c), c.ready_timeout, stream=stream_check)
+            if c.refused_token is not None:
+                check_refuses(c, c.refused_token)
         except RuntimeError as exc:
             tail = c.proc.log_tail(8) if c.proc is not None else ""
             c.status = f"failed: {exc}" + (f"; log tail: {tail[-600:]}" if tail else "")
@@ -215,7 +218,7 @@ class Bench:
             shown = {k: v for k, v in env.items() if k in SHOWN_ENV}
             prefix = " ".join(f"{k}={v}" for k, v in shown.items()) + " "
         line = f"{label} {prefix}{shlex.join(cmd)}".replace(str(self.work), "benchmarks/.work")
-        line = line.replace(str(lineup.ROOT) + "/", "")
+        line = line.replace(str(lineup.ROOT) + "/", "").replace(str(Path.home()) + "/", "~/")
         line = re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", line)
         line = re.sub(r"--port \d+", "--port PORT", line)
         if line not in self.commands:
@@ -226,6 +229,8 @@ class Bench:
         text = re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", path.read_text())
         text = re.sub(r"\bport: \d+", "port: PORT", text)
         text = re.sub(r"sk-ant-[A-Za-z0-9_-]+", "sk-ant-...", text).replace(str(self.work), "benchmarks/.work")
+        text = re.sub(r"\bjwt_secret: \S+", "jwt_secret: ...", text)
+        text = re.sub(r"gate_bench_cgw_\d+", "gate_bench_cgw_PID", text)
         if text not in self.configs.values():
             self.configs[str(path).replace(str(self.work), "benchmarks/.work")] = text
 
@@ -239,8 +244,20 @@ class Bench:
 
     # ------------------------------------------------------------------ measuring
 
-    def wrk(self, url: str, kind: str, connections: int, duration: float) -> dict[str, Any]:
-        run = run_wrk(url, self.scripts[kind], connections, duration, self.rig_cpus)
+    def token(self, c: Contender) -> str:
+        return c.token or self.rig.token
+
+    def script(self, c: Contender | None, kind: str) -> Path:
+        """The wrk script of ``kind`` carrying ``c``'s bearer."""
+        if c is None or c.token is None:
+            return self.scripts[kind]
+        own = self.own_scripts.setdefault(c.name, {})
+        if kind not in own:
+            own[kind] = write_script(self.work / "lua" / c.name / f"{kind}.lua", c.token, kind)
+        return own[kind]
+
+    def wrk(self, url: str, kind: str, connections: int, duration: float, c: Contender | None = None) -> dict[str, Any]:
+        run = run_wrk(url, self.script(c, kind), connections, duration, self.rig_cpus)
         self._command("wrk:", run.command)
         return run.as_dict()
 
@@ -268,10 +285,11 @@ class Bench:
                 "--delay",
                 "1",
             ]
-            probe = Proc("ttfb-probe", cmd, cpus=self.rig_cpus, log=self.work / "logs" / "ttfb-probe.out", env=self.env)
+            env = dict(self.env, BENCH_TOKEN=self.token(c))
+            probe = Proc("ttfb-probe", cmd, cpus=self.rig_cpus, log=self.work / "logs" / "ttfb-probe.out", env=env)
             self._command("ttfb probe:", probe.cmd)
         try:
-            result: dict[str, Any] = {"wrk": self.wrk(c.url, script, connections, duration)}
+            result: dict[str, Any] = {"wrk": self.wrk(c.url, script, connections, duration, c)}
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
             result = {"error": str(exc)}
         if probe is not None:
@@ -289,7 +307,7 @@ class Bench:
     def warm(self, c: Contender) -> None:
         for kind in ("json", "stream"):
             with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
-                run_wrk(c.url, self.scripts[kind], 50, 1, self.rig_cpus)
+                run_wrk(c.url, self.script(c, kind), 50, 1, self.rig_cpus)
 
     # ------------------------------------------------------------------ phases
 
@@ -327,7 +345,7 @@ class Bench:
             rotated = keys.get("...-a", 0) > 0 and keys.get("...-b", 0) > 0
             self.notes.append(
                 f"Upstream keys seen by the fake in the main run, by last characters: {keys} (Gate's are -a and "
-                "-b, LiteLLM's lm)" + ("" if rotated else ": Gate did NOT rotate its two keys")
+                "-b, LiteLLM's lm, claude-gateway's gw)" + ("" if rotated else ": Gate did NOT rotate its two keys")
             )
         self.stop_all()
         return {"contenders": out, "fake_stats": stats}
