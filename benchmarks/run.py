@@ -272,36 +272,50 @@ class Bench:
         self.settle()
         probe = None
         if kind == "paced_c50":
-            window = max(0.5, duration - 1.5)
-            cmd = [
-                sys.executable,
-                str(BENCH_DIR / "ttfb_probe.py"),
-                "--url",
-                c.url,
-                "--count",
-                str(self.args.probe_count),
-                "--window",
-                f"{window:g}",
-                "--delay",
-                "1",
-            ]
-            env = dict(self.env, BENCH_TOKEN=self.token(c))
-            probe = Proc("ttfb-probe", cmd, cpus=self.rig_cpus, log=self.work / "logs" / "ttfb-probe.out", env=env)
-            self._command("ttfb probe:", probe.cmd)
+            probe = self.start_probe(c, window=max(0.5, duration - 1.5), delay=1.0)
         try:
             result: dict[str, Any] = {"wrk": self.wrk(c.url, script, connections, duration, c)}
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
             result = {"error": str(exc)}
         if probe is not None:
-            probe.popen.wait(timeout=duration + 60)
-            lines = probe.log.read_text().strip().splitlines() if probe.log.exists() else []
-            probe.log.unlink(missing_ok=True)
-            try:
-                result["ttfb"] = json.loads(lines[-1])
-            except (IndexError, json.JSONDecodeError):
-                result["ttfb"] = {"count": 0, "error": "the probe printed no result"}
+            result["ttfb"] = self.probe_result(probe, timeout=duration + 60)
         if c.proc is not None:
             c.proc.trim_log()
+        return result
+
+    def start_probe(self, c: Contender, window: float, delay: float, pace_ms: int | None = None) -> Proc:
+        """The TTFB probe against ``c``, started now: its requests begin after ``delay`` s, spread over ``window``."""
+        cmd = [
+            sys.executable,
+            str(BENCH_DIR / "ttfb_probe.py"),
+            "--url",
+            c.url,
+            "--count",
+            str(self.args.probe_count),
+            "--window",
+            f"{window:g}",
+            "--delay",
+            f"{delay:g}",
+        ]
+        if pace_ms is not None:
+            cmd += ["--pace-ms", str(pace_ms)]
+        env = dict(self.env, BENCH_TOKEN=self.token(c))
+        probe = Proc("ttfb-probe", cmd, cpus=self.rig_cpus, log=self.work / "logs" / "ttfb-probe.out", env=env)
+        self._command("ttfb probe:", probe.cmd)
+        return probe
+
+    @staticmethod
+    def probe_result(probe: Proc, timeout: float) -> dict[str, Any]:
+        try:
+            probe.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            probe.stop()
+        lines = probe.log.read_text().strip().splitlines() if probe.log.exists() else []
+        probe.log.unlink(missing_ok=True)
+        try:
+            result: dict[str, Any] = json.loads(lines[-1])
+        except (IndexError, json.JSONDecodeError):
+            return {"count": 0, "error": "the probe printed no result"}
         return result
 
     def warm(self, c: Contender) -> None:
@@ -386,6 +400,7 @@ class Bench:
             time.sleep(1)
             rss_before, fds_before = proc.rss_kb(), proc.fds()
             print(f"  {c.name}: {self.args.streams} streams for {hold:.0f}s", flush=True)
+            ramp = 3.0
             cmd = [
                 sys.executable,
                 str(BENCH_DIR / "stream_hold.py"),
@@ -394,7 +409,7 @@ class Bench:
                 "--streams",
                 str(self.args.streams),
                 "--ramp",
-                "3",
+                f"{ramp:g}",
                 "--timeout",
                 f"{hold * 3 + 30:g}",
             ]
@@ -402,12 +417,16 @@ class Bench:
                 "stream-hold", cmd, cpus=self.rig_cpus, log=self.work / "logs" / "stream-hold.out", env=self.env
             )
             self._command("streams client:", client.cmd)
+            # New requests while all the streams are open: unpaced probes from 2 s after the ramp until 3 s
+            # before the first streams end.
+            probe = self.start_probe(c, window=max(1.0, hold - ramp - 5), delay=ramp + 2, pace_ms=0)
             peak_rss, peak_fds = rss_before, fds_before
             while client.alive():
                 time.sleep(1)
                 peak_rss, peak_fds = max(peak_rss, proc.rss_kb()), max(peak_fds, proc.fds())
             lines = client.log.read_text().strip().splitlines()
             client.log.unlink(missing_ok=True)
+            probed = self.probe_result(probe, timeout=30)
             try:
                 result = json.loads(lines[-1])
             except (IndexError, json.JSONDecodeError):
@@ -416,6 +435,7 @@ class Bench:
                 continue
             out[c.name] = {
                 "client": result,
+                "probe": probed,
                 "pace_ms": pace_ms,
                 "hold_s": hold,
                 "rss_before_mb": round(rss_before / 1024, 1),
@@ -565,10 +585,12 @@ def _brief(result: dict[str, Any]) -> str:
 
 
 def _brief_streams(s: dict[str, Any]) -> str:
-    c = s["client"]
+    c, p = s["client"], s.get("probe", {}).get("ttfb_ms", {})
     return (
         f"{c['completed']}/{c['streams']} complete, max gap {c['max_gap_ms']:.0f} ms, "
-        f"peak RSS {s['peak_rss_mb']:.0f} MB, peak fds {s['peak_fds']}"
+        f"TTFB p99 {c['ttfb_ms'].get('p99', 0):.1f} ms as they open, {p.get('p99', 0):.1f} ms for new requests "
+        f"while open (n={s.get('probe', {}).get('count', 0)}), peak RSS {s['peak_rss_mb']:.0f} MB, "
+        f"peak fds {s['peak_fds']}"
     )
 
 

@@ -12,11 +12,11 @@ from urllib.parse import urlsplit
 from load import request_body, request_headers
 
 
-def build_request(url: str, token: str, stream: bool = True) -> tuple[str, int, bytes]:
-    """(host, port, raw request bytes) for a Messages API call to ``url``."""
+def build_request(url: str, token: str, stream: bool = True, pace_ms: int | None = None) -> tuple[str, int, bytes]:
+    """(host, port, raw request bytes) for a Messages API call to ``url``; ``pace_ms`` as in ``request_body``."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    body = request_body(stream)
+    body = request_body(stream, pace_ms)
     headers = {"Host": f"{host}:{port}", **request_headers(token), "Content-Length": str(len(body))}
     head = "POST /v1/messages HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
     return host, port, head.encode() + body
