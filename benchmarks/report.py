@@ -390,6 +390,7 @@ def render(results: dict[str, Any]) -> str:
             + ("; " + "; ".join(data["notes"]) if data.get("notes") else "")
         )
     lines += _target_sections(results["targets"])
+    lines += _against_claude_gateway(results["summary"], results["contenders"])
     lines += _phase_sections(results["phases"])
     lines += [
         "",
@@ -468,6 +469,46 @@ def _target_sections(rows: list[dict[str, Any]]) -> list[str]:
     lines += ["| target | value | limit | verdict |", "|---|---:|---|---|"]
     for t in other:
         lines.append(f"| {t['target']} | {_f(t['value'], 3)} | {t['op']} {t['limit']} | {t['verdict']} |")
+    return lines
+
+
+# (label, summary key, higher is better) of the figures compared between Gate and Anthropic's gateway.
+VERSUS = (
+    ("added p50 at c=1, JSON", "added_p50_c1_ms", False),
+    ("added p50 at c=1, streams", "added_p50_c1_stream_ms", False),
+    ("p99 at c=1, JSON", "json_c1_p99_ms", False),
+    ("p99 at c=1, streams", "stream_c1_p99_ms", False),
+    ("p99.9 at c=1, JSON", "json_c1_p999_ms", False),
+    ("JSON req/s at c=50", "json_rps", True),
+    ("stream req/s at c=50", "stream_rps", True),
+    ("p99 at c=50, JSON", "json_c50_p99_ms", False),
+    ("p99 at c=50, streams", "stream_c50_p99_ms", False),
+    ("p99.9 at c=50, JSON", "json_c50_p999_ms", False),
+    ("TTFB p99 under paced load", "ttfb_p99_ms", False),
+    ("peak RSS (MB)", "peak_rss_mb", False),
+)
+
+
+def _against_claude_gateway(summary: dict[str, dict[str, Any]], contenders: dict[str, Any]) -> list[str]:
+    """Gate's figures beside Anthropic's gateway's, as ratios in this run."""
+    if "claude-gateway" not in contenders:
+        return []
+    lines = ["", "## Gate against Anthropic's gateway", ""]
+    theirs, ours = summary.get("claude-gateway", {}), summary.get("gate", {})
+    if theirs.get("status") != "ok" or ours.get("status") != "ok":
+        why = [f"{n}: {contenders[n]['status']}" for n in ("claude-gateway", "gate") if n in contenders]
+        return [*lines, "Not compared in this run (" + "; ".join(why) + ")."]
+    lines += [
+        "Same fake upstream, same pinning, same load; Gate / claude-gateway (below 1 is Gate's lead for a latency "
+        "or memory figure, above 1 for a throughput figure):",
+        "",
+        "| figure | Gate | claude-gateway | Gate / claude-gateway |",
+        "|---|---:|---:|---:|",
+    ]
+    for label, key, _ in VERSUS:
+        a, b = ours.get(key), theirs.get(key)
+        digits = 0 if "req/s" in label or "MB" in label else 3
+        lines.append(f"| {label} | {_f(a, digits)} | {_f(b, digits)} | {_f(_ratio(a, b), 2)} |")
     return lines
 
 
