@@ -255,7 +255,8 @@ def targets(
     else:
 
         def ttfb_p99(name: str, source: str) -> float | None:
-            return streams.get(name, {}).get(source, {}).get("ttfb_ms", {}).get("p99")
+            value = streams.get(name, {}).get(source, {}).get("ttfb_ms", {}).get("p99")
+            return float(value) if value is not None else None
 
         count = streams.get("gate-streams", {}).get("client", {}).get("streams") or 2000
         samples = streams.get("gate-streams", {}).get("probe", {}).get("count", 0)
