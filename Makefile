@@ -46,7 +46,7 @@ chart: install
 	$(BIN)/python deploy/helm/render.py $(if $(VALUES),-f $(VALUES)) > build/gate-chart.yaml
 	@echo "rendered build/gate-chart.yaml"
 
-# The full suite (~13 min, unattended): rewrites benchmarks/RESULTS.md and benchmarks/results/latest.json.
+# The full suite (~18 min, unattended): rewrites benchmarks/RESULTS.md and benchmarks/results/latest.json.
 bench: install
 	$(BIN)/python benchmarks/run.py
 

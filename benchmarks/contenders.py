@@ -9,10 +9,12 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import claude_gateway as cgw
 from gate_rig import GateRig
 from load import request_body, request_headers
 from procs import Proc, free_port, wait_port
@@ -20,7 +22,7 @@ from procs import Proc, free_port, wait_port
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 LITELLM_SPEC = "litellm[proxy]"
-ALL = ("direct", "nginx", "litellm", "minimal", "gate", "gate-nopub")
+ALL = ("direct", "nginx", "litellm", "minimal", "claude-gateway", "gate", "gate-nopub")
 
 # Environment that must not leak into Gate's or LiteLLM's configuration from the shell running the benchmark.
 _SCRUB_PREFIXES = (
@@ -34,6 +36,7 @@ _SCRUB_PREFIXES = (
     "LITELLM_",
     "OPENAI_",
     "DATABASE_URL",
+    "CLAUDE",
 )
 
 
@@ -58,9 +61,12 @@ class Contender:
     url: str = ""
     proc: Proc | None = None
     status: str = "pending"  # ok | skipped: why | failed: why
-    kinds: tuple[str, ...] = ("json_c1", "json_c50", "stream_c50", "paced_c50")  # measurements to run
+    kinds: tuple[str, ...] = ("json_c1", "stream_c1", "json_c50", "stream_c50", "paced_c50")  # measurements to run
     notes: list[str] = field(default_factory=list)
     config: Path | None = None  # the generated configuration file, shown in RESULTS.md
+    token: str | None = None  # the bearer its clients send, if not the rig's RS256 JWT
+    refused_token: str | None = None  # a bearer it must refuse (401), checked at start: proof that auth is on
+    cleanup: list[Callable[[], None]] = field(default_factory=list)  # after the process stops
 
     @property
     def ok(self) -> bool:
@@ -77,6 +83,8 @@ class Contender:
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.stop()
+        while self.cleanup:
+            self.cleanup.pop()()
 
 
 @dataclass
@@ -248,6 +256,50 @@ def litellm(setup: Setup) -> Contender:
     return c
 
 
+def claude_gateway(setup: Setup) -> Contender:
+    c = Contender(
+        "claude-gateway",
+        f"Anthropic's gateway (`claude gateway`, Claude Code {cgw.VERSION}, one Bun process), PostgreSQL store, "
+        "OIDC configured (discovery from the rig), its HS256 session token as the bearer, anthropic upstream",
+    )
+    binary, why = cgw.binary(install=not (setup.quick or setup.skip_install))
+    why = why or (cgw.check_binary(binary) if binary is not None else "")
+    if binary is None or why:
+        c.status = f"skipped: {why}"
+        return c
+    database = f"gate_bench_cgw_{os.getpid()}"  # one per harness run, so concurrent runs never share one
+    why = cgw.fresh_database(database)
+    if why:
+        c.status = f"skipped: {why}"
+        return c
+    c.cleanup.append(lambda: cgw.drop_database(database))
+    c.port = free_port()
+    home = setup.work / "claude-gateway"
+    secret = cgw.new_secret()
+    c.config = cgw.write_config(
+        home / "gateway.yaml",
+        port=c.port,
+        upstream=setup.fake_url,
+        issuer=setup.rig.server.issuer,
+        secret=secret,
+        database=database,
+    )
+    c.url = f"http://127.0.0.1:{c.port}"
+    c.token = cgw.session_token(secret, c.url)
+    c.refused_token = cgw.session_token(cgw.new_secret(), c.url)  # right shape, another secret
+    c.command = [str(binary), "gateway", "--config", str(c.config)]
+    c.env = clean_env(
+        # Its SSRF guard refuses loopback addresses (the fake upstream, the rig's OIDC discovery) unless told.
+        CLAUDE_GATEWAY_ALLOW_LOOPBACK="1",
+        CLAUDE_CONFIG_DIR=str(home / "config"),
+        DISABLE_AUTOUPDATER="1",
+        DISABLE_TELEMETRY="1",
+        CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1",
+    )
+    c.cwd, c.cpus, c.ready_timeout = home, setup.proxy_cpus, 60.0
+    return c
+
+
 def gate_command() -> Path | None:
     for candidate in (ROOT / ".venv" / "bin" / "gate", Path(sys.executable).parent / "gate"):
         if candidate.exists():
@@ -323,6 +375,8 @@ def build(name: str, setup: Setup) -> Contender:
         return litellm(setup)
     if name == "minimal":
         return minimal(setup)
+    if name == "claude-gateway":
+        return claude_gateway(setup)
     if name == "gate":
         return gate(setup)
     if name == "gate-nopub":
@@ -364,6 +418,13 @@ def check_reaches_fake(c: Contender, fake_url: str, token: str, timeout: float, 
             raise RuntimeError(f"answers came back but only {reached} of {expected} requests reached the fake")
         return
     raise RuntimeError(f"not serving after {timeout:.0f}s: {last}")
+
+
+def check_refuses(c: Contender, token: str) -> None:
+    """A request with ``token`` must be refused with 401 (the contender really checks its bearer)."""
+    status, body = _call(c.url, "POST", "/v1/messages", request_body(False), request_headers(token))
+    if status != 401:
+        raise RuntimeError(f"a bearer it did not issue got status {status}, not 401: {body[:200]!r}")
 
 
 def _expect(url: str, token: str, stream: bool) -> None:

@@ -19,14 +19,17 @@ BENCH_KEYS = [{"alias": "a", "value": "sk-ant-bench-a"}, {"alias": "b", "value":
 
 
 class JwksServer:
-    """Serves one public key as a JWKS at ``/.well-known/jwks.json`` from a daemon thread."""
+    """Serves one public key as a JWKS at ``/.well-known/jwks.json`` from a daemon thread, and an OIDC discovery
+    document naming it at ``/.well-known/openid-configuration`` (for ``claude gateway``, which reads one at start;
+    its authorization and token endpoints are never called, since the benchmark signs no one in)."""
 
     def __init__(self, jwks: dict[str, Any]) -> None:
-        payload = json.dumps(jwks).encode()
+        documents = {"/.well-known/jwks.json": json.dumps(jwks).encode()}
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                if self.path.split("?", 1)[0] != "/.well-known/jwks.json":
+                payload = documents.get(self.path.split("?", 1)[0])
+                if payload is None:
                     self.send_error(404)
                     return
                 self.send_response(200)
@@ -39,12 +42,28 @@ class JwksServer:
                 return
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        issuer = self.issuer
+        discovery = {
+            "issuer": issuer,
+            "authorization_endpoint": f"{issuer}/authorize",
+            "token_endpoint": f"{issuer}/token",
+            "jwks_uri": self.uri,
+            "response_types_supported": ["code"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+            "scopes_supported": ["openid", "profile", "email"],
+        }
+        documents["/.well-known/openid-configuration"] = json.dumps(discovery).encode()
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="jwks", daemon=True)
         self.thread.start()
 
     @property
+    def issuer(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    @property
     def uri(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/.well-known/jwks.json"
+        return f"{self.issuer}/.well-known/jwks.json"
 
     def close(self) -> None:
         self.httpd.shutdown()

@@ -27,9 +27,10 @@ _PROMPT = (
 )
 
 
-def request_body(stream: bool, pace_ms: int = 0) -> bytes:
-    """A Messages API request of about 1 KB; ``pace_ms`` asks the fake upstream to pace the stream's events."""
-    prompt = _PROMPT + (f" (bench-pace-ms={pace_ms})" if pace_ms else "")
+def request_body(stream: bool, pace_ms: int | None = None) -> bytes:
+    """A Messages API request of about 1 KB; ``pace_ms`` asks the fake upstream to pace the stream's events (0: not
+    at all, whatever its ``--pace-ms``)."""
+    prompt = _PROMPT + (f" (bench-pace-ms={pace_ms})" if pace_ms is not None else "")
     body: dict[str, Any] = {
         "model": MODEL,
         "max_tokens": 1024,
@@ -86,7 +87,7 @@ def write_script(path: Path, token: str, kind: str) -> Path:
             "end\n"
         )
     else:
-        body = request_body(kind != "json", PACED_MS if kind == "paced" else 0)
+        body = request_body(kind != "json", PACED_MS if kind == "paced" else None)
         lua += f"wrk.body = [==[{body.decode()}]==]\n"
     path.write_text(lua + _DONE)
     return path

@@ -24,17 +24,19 @@ from typing import Any
 
 import contenders as lineup
 import report
-from contenders import Contender, Setup, check_reaches_fake, fake_stats
+from contenders import Contender, Setup, check_reaches_fake, check_refuses, fake_stats
 from gate_rig import GateRig
 from load import run_wrk, write_script, wrk_available
 from procs import Proc, free_port, wait_idle, wait_port
 
 BENCH_DIR = Path(__file__).resolve().parent
 PHASES = ("main", "streams", "scaling", "soak")
-SHOWN_ENV = {"GATE_PROFILES", "LITELLM_LOCAL_MODEL_COST_MAP", "LITELLM_LOG", "NO_DOCS"}
-# measurement -> (wrk script, connections). paced_c50 also runs the TTFB probe.
+SHOWN_ENV = {"CLAUDE_GATEWAY_ALLOW_LOOPBACK", "GATE_PROFILES", "LITELLM_LOCAL_MODEL_COST_MAP", "LITELLM_LOG", "NO_DOCS"}
+# measurement -> (wrk script, connections). paced_c50 also runs the TTFB probe. The c=1 pair gives the latency
+# each contender adds (its p50 minus direct's), for JSON and for unpaced streams.
 KIND_SETTINGS = {
     "json_c1": ("json", 1),
+    "stream_c1": ("stream", 1),
     "json_c50": ("json", 50),
     "stream_c50": ("stream", 50),
     "paced_c50": ("paced", 50),
@@ -65,6 +67,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, help="default RESULTS.md for a full run, else .work/RESULTS-partial.md")
     p.add_argument("--json", type=Path, help="default results/latest.json for a full run, else under .work/")
     p.add_argument("--work-dir", type=Path, default=BENCH_DIR / ".work")
+    p.add_argument(
+        "--previous",
+        type=Path,
+        default=BENCH_DIR / "results" / "latest.json",
+        help="results to compare this run's medians with (default: the last full run's results/latest.json)",
+    )
     args = p.parse_args(argv)
     args.duration = args.duration or (2.0 if args.quick else 7.0)
     args.rounds = args.rounds or (1 if args.quick else 3)
@@ -135,6 +143,7 @@ class Bench:
             k: write_script(self.work / "lua" / f"{k}.lua", self.rig.token, k)
             for k in ("json", "stream", "paced", "mixed")
         }
+        self.own_scripts: dict[str, dict[str, Path]] = {}  # per contender with a bearer of its own
         self.sampler = Sampler()
         self.started: list[Contender] = []
         self.fakes: list[Proc] = []
@@ -184,7 +193,9 @@ class Bench:
         try:
             c.start(self.work)
             self.started.append(c)
-            check_reaches_fake(c, fake_url, self.rig.token, c.ready_timeout, stream=stream_check)
+            check_reaches_fake(c, fake_url, self.token(c), c.ready_timeout, stream=stream_check)
+            if c.refused_token is not None:
+                check_refuses(c, c.refused_token)
         except RuntimeError as exc:
             tail = c.proc.log_tail(8) if c.proc is not None else ""
             c.status = f"failed: {exc}" + (f"; log tail: {tail[-600:]}" if tail else "")
@@ -207,7 +218,7 @@ class Bench:
             shown = {k: v for k, v in env.items() if k in SHOWN_ENV}
             prefix = " ".join(f"{k}={v}" for k, v in shown.items()) + " "
         line = f"{label} {prefix}{shlex.join(cmd)}".replace(str(self.work), "benchmarks/.work")
-        line = line.replace(str(lineup.ROOT) + "/", "")
+        line = line.replace(str(lineup.ROOT) + "/", "").replace(str(Path.home()) + "/", "~/")
         line = re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", line)
         line = re.sub(r"--port \d+", "--port PORT", line)
         if line not in self.commands:
@@ -218,6 +229,8 @@ class Bench:
         text = re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", path.read_text())
         text = re.sub(r"\bport: \d+", "port: PORT", text)
         text = re.sub(r"sk-ant-[A-Za-z0-9_-]+", "sk-ant-...", text).replace(str(self.work), "benchmarks/.work")
+        text = re.sub(r"\bjwt_secret: \S+", "jwt_secret: ...", text)
+        text = re.sub(r"gate_bench_cgw_\d+", "gate_bench_cgw_PID", text)
         if text not in self.configs.values():
             self.configs[str(path).replace(str(self.work), "benchmarks/.work")] = text
 
@@ -231,8 +244,20 @@ class Bench:
 
     # ------------------------------------------------------------------ measuring
 
-    def wrk(self, url: str, kind: str, connections: int, duration: float) -> dict[str, Any]:
-        run = run_wrk(url, self.scripts[kind], connections, duration, self.rig_cpus)
+    def token(self, c: Contender) -> str:
+        return c.token or self.rig.token
+
+    def script(self, c: Contender | None, kind: str) -> Path:
+        """The wrk script of ``kind`` carrying ``c``'s bearer."""
+        if c is None or c.token is None:
+            return self.scripts[kind]
+        own = self.own_scripts.setdefault(c.name, {})
+        if kind not in own:
+            own[kind] = write_script(self.work / "lua" / c.name / f"{kind}.lua", c.token, kind)
+        return own[kind]
+
+    def wrk(self, url: str, kind: str, connections: int, duration: float, c: Contender | None = None) -> dict[str, Any]:
+        run = run_wrk(url, self.script(c, kind), connections, duration, self.rig_cpus)
         self._command("wrk:", run.command)
         return run.as_dict()
 
@@ -247,41 +272,56 @@ class Bench:
         self.settle()
         probe = None
         if kind == "paced_c50":
-            window = max(0.5, duration - 1.5)
-            cmd = [
-                sys.executable,
-                str(BENCH_DIR / "ttfb_probe.py"),
-                "--url",
-                c.url,
-                "--count",
-                str(self.args.probe_count),
-                "--window",
-                f"{window:g}",
-                "--delay",
-                "1",
-            ]
-            probe = Proc("ttfb-probe", cmd, cpus=self.rig_cpus, log=self.work / "logs" / "ttfb-probe.out", env=self.env)
-            self._command("ttfb probe:", probe.cmd)
+            probe = self.start_probe(c, window=max(0.5, duration - 1.5), delay=1.0)
         try:
-            result: dict[str, Any] = {"wrk": self.wrk(c.url, script, connections, duration)}
+            result: dict[str, Any] = {"wrk": self.wrk(c.url, script, connections, duration, c)}
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
             result = {"error": str(exc)}
         if probe is not None:
-            probe.popen.wait(timeout=duration + 60)
-            lines = probe.log.read_text().strip().splitlines() if probe.log.exists() else []
-            probe.log.unlink(missing_ok=True)
-            try:
-                result["ttfb"] = json.loads(lines[-1])
-            except (IndexError, json.JSONDecodeError):
-                result["ttfb"] = {"count": 0, "error": "the probe printed no result"}
+            result["ttfb"] = self.probe_result(probe, timeout=duration + 60)
         if c.proc is not None:
             c.proc.trim_log()
+        return result
+
+    def start_probe(self, c: Contender, window: float, delay: float, pace_ms: int | None = None) -> Proc:
+        """The TTFB probe against ``c``, started now: its requests begin after ``delay`` s, spread over ``window``."""
+        cmd = [
+            sys.executable,
+            str(BENCH_DIR / "ttfb_probe.py"),
+            "--url",
+            c.url,
+            "--count",
+            str(self.args.probe_count),
+            "--window",
+            f"{window:g}",
+            "--delay",
+            f"{delay:g}",
+        ]
+        if pace_ms is not None:
+            cmd += ["--pace-ms", str(pace_ms)]
+        env = dict(self.env, BENCH_TOKEN=self.token(c))
+        probe = Proc("ttfb-probe", cmd, cpus=self.rig_cpus, log=self.work / "logs" / "ttfb-probe.out", env=env)
+        self._command("ttfb probe:", probe.cmd)
+        return probe
+
+    @staticmethod
+    def probe_result(probe: Proc, timeout: float) -> dict[str, Any]:
+        try:
+            probe.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            probe.stop()
+        lines = probe.log.read_text().strip().splitlines() if probe.log.exists() else []
+        probe.log.unlink(missing_ok=True)
+        try:
+            result: dict[str, Any] = json.loads(lines[-1])
+        except (IndexError, json.JSONDecodeError):
+            return {"count": 0, "error": "the probe printed no result"}
         return result
 
     def warm(self, c: Contender) -> None:
         for kind in ("json", "stream"):
             with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
-                run_wrk(c.url, self.scripts[kind], 50, 1, self.rig_cpus)
+                run_wrk(c.url, self.script(c, kind), 50, 1, self.rig_cpus)
 
     # ------------------------------------------------------------------ phases
 
@@ -319,7 +359,7 @@ class Bench:
             rotated = keys.get("...-a", 0) > 0 and keys.get("...-b", 0) > 0
             self.notes.append(
                 f"Upstream keys seen by the fake in the main run, by last characters: {keys} (Gate's are -a and "
-                "-b, LiteLLM's lm)" + ("" if rotated else ": Gate did NOT rotate its two keys")
+                "-b, LiteLLM's lm, claude-gateway's gw)" + ("" if rotated else ": Gate did NOT rotate its two keys")
             )
         self.stop_all()
         return {"contenders": out, "fake_stats": stats}
@@ -360,6 +400,7 @@ class Bench:
             time.sleep(1)
             rss_before, fds_before = proc.rss_kb(), proc.fds()
             print(f"  {c.name}: {self.args.streams} streams for {hold:.0f}s", flush=True)
+            ramp = 3.0
             cmd = [
                 sys.executable,
                 str(BENCH_DIR / "stream_hold.py"),
@@ -368,7 +409,7 @@ class Bench:
                 "--streams",
                 str(self.args.streams),
                 "--ramp",
-                "3",
+                f"{ramp:g}",
                 "--timeout",
                 f"{hold * 3 + 30:g}",
             ]
@@ -376,12 +417,16 @@ class Bench:
                 "stream-hold", cmd, cpus=self.rig_cpus, log=self.work / "logs" / "stream-hold.out", env=self.env
             )
             self._command("streams client:", client.cmd)
+            # New requests while all the streams are open: unpaced probes from 2 s after the ramp until 3 s
+            # before the first streams end.
+            probe = self.start_probe(c, window=max(1.0, hold - ramp - 5), delay=ramp + 2, pace_ms=0)
             peak_rss, peak_fds = rss_before, fds_before
             while client.alive():
                 time.sleep(1)
                 peak_rss, peak_fds = max(peak_rss, proc.rss_kb()), max(peak_fds, proc.fds())
             lines = client.log.read_text().strip().splitlines()
             client.log.unlink(missing_ok=True)
+            probed = self.probe_result(probe, timeout=30)
             try:
                 result = json.loads(lines[-1])
             except (IndexError, json.JSONDecodeError):
@@ -390,6 +435,7 @@ class Bench:
                 continue
             out[c.name] = {
                 "client": result,
+                "probe": probed,
                 "pace_ms": pace_ms,
                 "hold_s": hold,
                 "rss_before_mb": round(rss_before / 1024, 1),
@@ -528,20 +574,23 @@ def _brief(result: dict[str, Any]) -> str:
     if "error" in result:
         return f"error: {result['error']}"
     w = result["wrk"]
-    text = f"{w['rps']:9,.0f} req/s  p50 {w['p50']:7.3f}  p99 {w['p99']:7.3f} ms"
+    text = f"{w['rps']:9,.0f} req/s  p50 {w['p50']:7.3f}  p99 {w['p99']:7.3f}  p99.9 {w['p999']:7.3f} ms"
     if w["errors"] or w["non_2xx"]:
         text += f"  errors {w['errors']} non-2xx {w['non_2xx']}"
     t = result.get("ttfb", {})
     if t.get("ttfb_ms"):
-        text += f"  TTFB p50 {t['ttfb_ms']['p50']:.3f} p99 {t['ttfb_ms']['p99']:.3f} (n={t['count']})"
+        ms = t["ttfb_ms"]
+        text += f"  TTFB p50 {ms['p50']:.3f} p99 {ms['p99']:.3f} p99.9 {ms['p99.9']:.3f} (n={t['count']})"
     return text
 
 
 def _brief_streams(s: dict[str, Any]) -> str:
-    c = s["client"]
+    c, p = s["client"], s.get("probe", {}).get("ttfb_ms", {})
     return (
         f"{c['completed']}/{c['streams']} complete, max gap {c['max_gap_ms']:.0f} ms, "
-        f"peak RSS {s['peak_rss_mb']:.0f} MB, peak fds {s['peak_fds']}"
+        f"TTFB p99 {c['ttfb_ms'].get('p99', 0):.1f} ms as they open, {p.get('p99', 0):.1f} ms for new requests "
+        f"while open (n={s.get('probe', {}).get('count', 0)}), peak RSS {s['peak_rss_mb']:.0f} MB, "
+        f"peak fds {s['peak_fds']}"
     )
 
 
@@ -559,6 +608,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
+    previous = load_previous(args.previous)  # before a full run overwrites it
     t0 = time.monotonic()
     load_start = report.loadavg()
     bench = Bench(args)
@@ -606,21 +656,38 @@ def main(argv: list[str] | None = None) -> int:
         "phases": phases,
         "notes": bench.notes,
     }
-    results["targets"] = report.targets(summary, phases)
+    results["previous"] = (
+        {k: previous.get(k) for k in ("_path", "finished", "command")} if previous is not None else None
+    )
+    results["targets"] = report.targets(summary, phases, previous)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(report.render(results))
     print(f"wrote {args.output} and {args.json} in {results['elapsed_s']:.0f}s", flush=True)
     for t in results["targets"]:
-        print(f"  {t['verdict']:4}  {t['target']}: {t['value']} ({t['op']} {t['limit']})")
+        detail = f"; {t['detail']}" if t.get("detail") else ""
+        print(f"  {t['verdict']:4}  {t['target']}: {t['value']} ({t['op']} {t['limit']}){detail}")
     return 0
+
+
+def load_previous(path: Path) -> dict[str, Any] | None:
+    """The results file of an earlier run, with ``_path`` (relative to the repository when inside it), or None."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(data, dict) or "summary" not in data:
+        return None
+    resolved = path.resolve()
+    data["_path"] = str(resolved.relative_to(lineup.ROOT)) if resolved.is_relative_to(lineup.ROOT) else str(path)
+    return data
 
 
 def _estimate(args: argparse.Namespace) -> float:
     total = 0.0
     if "main" in args.phases:
-        total += 30 + len(args.names) * (5 + args.rounds * 3 * (args.duration + 1.5))
+        total += 30 + len(args.names) * (5 + args.rounds * len(KIND_SETTINGS) * (args.duration + 1.5))
     if "streams" in args.phases:
         total += len(args.streams_targets.split(",")) * (args.hold_seconds + 20)
     if "scaling" in args.phases:

@@ -12,11 +12,11 @@ from urllib.parse import urlsplit
 from load import request_body, request_headers
 
 
-def build_request(url: str, token: str, stream: bool = True) -> tuple[str, int, bytes]:
-    """(host, port, raw request bytes) for a Messages API call to ``url``."""
+def build_request(url: str, token: str, stream: bool = True, pace_ms: int | None = None) -> tuple[str, int, bytes]:
+    """(host, port, raw request bytes) for a Messages API call to ``url``; ``pace_ms`` as in ``request_body``."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    body = request_body(stream)
+    body = request_body(stream, pace_ms)
     headers = {"Host": f"{host}:{port}", **request_headers(token), "Content-Length": str(len(body))}
     head = "POST /v1/messages HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
     return host, port, head.encode() + body
@@ -70,8 +70,12 @@ async def exchange(
     return Reply(status, keep_alive)
 
 
-def percentiles(values: list[float], points: tuple[float, ...] = (50, 90, 99)) -> dict[str, float]:
-    """Nearest-rank percentiles (and max) of ``values``, rounded to microseconds; empty if no values."""
+def percentiles(values: list[float], points: tuple[float, ...] = (50, 90, 99, 99.9)) -> dict[str, float]:
+    """Nearest-rank percentiles (and max) of ``values``, rounded to microseconds; empty if no values.
+
+    Keys are ``p50``, ``p90``, ``p99``, ``p99.9`` and ``max``. Nearest rank: with fewer than 1,000 values p99.9 is
+    the largest value, and with fewer than 100, p99 is too.
+    """
     if not values:
         return {}
     ordered = sorted(values)

@@ -17,8 +17,10 @@ import uvloop
 from sse_client import build_request, exchange, now_ms, percentiles, print_json
 
 
-async def probe(url: str, token: str, count: int, window: float, delay: float) -> dict[str, object]:
-    host, port, request = build_request(url, token, stream=True)
+async def probe(
+    url: str, token: str, count: int, window: float, delay: float, pace_ms: int | None = None
+) -> dict[str, object]:
+    host, port, request = build_request(url, token, stream=True, pace_ms=pace_ms)
     await asyncio.sleep(delay)
     interval = window / count
     loop = asyncio.get_running_loop()
@@ -75,8 +77,12 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--window", type=float, default=6.0, help="seconds over which to spread the probes")
     parser.add_argument("--delay", type=float, default=1.0, help="seconds to wait first (let the load ramp)")
+    parser.add_argument(
+        "--pace-ms", type=int, help="ask the fake to pace the probe's events so (0: unpaced on a paced fake)"
+    )
     args = parser.parse_args()
-    print_json(uvloop.run(probe(args.url, os.environ.get("BENCH_TOKEN", ""), args.count, args.window, args.delay)))
+    token = os.environ.get("BENCH_TOKEN", "")
+    print_json(uvloop.run(probe(args.url, token, args.count, args.window, args.delay, args.pace_ms)))
 
 
 if __name__ == "__main__":
