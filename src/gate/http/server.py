@@ -244,7 +244,8 @@ class StreamResponse:
     handler may still drop this response and answer with another, say a clean 502 when upstream broke before its
     first byte. Without a ``content_length`` the body is sent chunked (HTTP/1.1) or delimited by closing
     (HTTP/1.0). ``write`` waits while the client's socket buffer is full (``send`` + ``drain`` split the two), and
-    raises ``ConnectionResetError`` once it is gone.
+    raises ``ConnectionResetError`` once it is gone. ``send`` never waits, so it may be called outside the
+    handler's task: the relay calls it from the upstream connection's callback, and only drains in its task.
     """
 
     __slots__ = (
