@@ -488,9 +488,9 @@ class Receiver:
         if self.pause_on_first and len(self.calls) == 1:
             self.response.pause_reading()
 
-    def body_end(self) -> None:
+    def body_end(self, data: bytes) -> None:
         assert not self.over.is_set()
-        self.calls.append(("end", None))
+        self.calls.append(("end", data))
         self.over.set()
 
     def body_failed(self, error: ClientError) -> None:
@@ -500,7 +500,7 @@ class Receiver:
 
     @property
     def data(self) -> bytes:
-        return b"".join(value for kind, value in self.calls if kind == "body")
+        return b"".join(value for kind, value in self.calls if kind in ("body", "end"))
 
     @property
     def kinds(self) -> list[str]:
@@ -576,7 +576,7 @@ def test_a_pushed_body_comes_read_by_read_in_order_then_its_end_and_the_connecti
 
     receiver, connections, idle = run_on(loop, scenario)
     assert receiver.data == b"".join(events)  # every byte, in order, chunk framing removed
-    assert receiver.kinds == ["body", "body", "body", "end"]  # one call per read: nothing waits for a task
+    assert receiver.kinds == ["body", "body", "end"]  # one call per read, the last with the end: no task between
     assert idle == 1 and len(connections) == 1  # read to its end: back to the pool, and reused
 
 
@@ -671,3 +671,22 @@ def test_a_body_that_arrived_before_push_to_is_pushed_at_once_and_reading_resume
     at_once, receiver = run_on(loop, scenario)
     assert at_once == ["body"]  # what was buffered, in one piece, inside push_to
     assert receiver.data == piece * count and receiver.kinds[-1] == "end"
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_whole_body_that_arrived_before_push_to_is_pushed_with_its_end_in_one_call(loop: str) -> None:
+    events = b"event: ping\ndata: {}\n\n" * 3
+
+    async def scenario() -> list[tuple[str, Any]]:
+        url, _ = await scripted_upstream(CHUNKED_HEAD + chunk(events[:20]) + chunk(events[20:]) + b"0\r\n\r\n")
+        pool = Pool(url, limit=0, connect_timeout=5)
+        receiver = Receiver()
+        response = await pushed(pool, receiver, settle=0.1)
+        calls = list(receiver.calls)  # taken inside push_to
+        response.release()
+        idle = len(pool._idle)
+        await pool.close()
+        assert idle == 1
+        return calls
+
+    assert run_on(loop, scenario) == [("end", events)]

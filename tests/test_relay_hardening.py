@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from gate import relay
+from gate.http import server
 from tests.fake_anthropic import FakeAnthropic, Received, Reply, error_reply, fixture
 from tests.harness import BackgroundLoop, RunningGate, read_events
 
@@ -432,3 +433,25 @@ def test_the_relay_task_sleeps_through_a_pass_through_stream(
     [data] = events(gate, 1)
     assert (data["status"], data["input_tokens"], data["output_tokens"]) == ("success", 25, 15)
     assert len(wakes) <= 2, wakes  # once for the whole stream (twice if its first bytes came apart from the head)
+
+
+def test_a_stream_that_arrives_whole_reaches_the_client_in_one_write(
+    start_gate: StartGate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes: list[int] = []
+    write = server._Connection.write
+
+    def counted(self: server._Connection, data: bytes) -> None:
+        writes.append(len(data))
+        write(self, data)
+
+    monkeypatch.setattr(server._Connection, "write", counted)
+    sse = fixture("stream-basic.sse")
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    with RawUpstream(head + b"%x\r\n%b\r\n0\r\n\r\n" % (len(sse), sse)) as url:
+        gate = start_gate(upstream_url=url)
+        response = post(gate, STREAM)
+        [data] = events(gate, 1)
+    assert response.status_code == 200 and response.content == sse
+    assert len(writes) == 1  # head, the events and the end together: one write, one segment for the client
+    assert (data["status"], data["output_tokens"]) == ("success", 15)

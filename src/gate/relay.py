@@ -825,6 +825,14 @@ class _StreamSink:
     # the source's side (``gate.http.client.BodyReceiver``)
 
     def body(self, data: bytes) -> None:
+        self._relay(data, last=False)
+
+    def body_end(self, data: bytes) -> None:
+        """The last bytes and the end go to the client in one write (for a whole answer in one read, its only
+        one); a client that has not taken them is still drained under its deadline."""
+        self._relay(data, last=True)
+
+    def _relay(self, data: bytes, *, last: bool) -> None:
         if self.error is not None or self.ended:
             return
         started = perf_counter()
@@ -832,12 +840,17 @@ class _StreamSink:
             if not self.blocked:
                 self._watchdog.touch()  # upstream is alive
             meter = self._meter
-            if meter is not None:
+            if meter is not None and data:
                 meter.feed(data)
                 exchange = self._exchange
                 if exchange.ttft_ms is None and meter.content_started:
                     exchange.ttft_ms = int((perf_counter() - exchange.started) * 1000)
-            if self._response.send(data) and not self.blocked:
+            if last:
+                self.ended = True
+                if self._response.end(data):
+                    self.blocked = True  # nothing more to read: only the client's deadline is left
+                self._wake()
+            elif self._response.send(data) and not self.blocked:
                 self.blocked = True
                 self._pause()
                 self._wake()
@@ -848,10 +861,6 @@ class _StreamSink:
             self._stop(exc)
         finally:
             self.busy += perf_counter() - started
-
-    def body_end(self) -> None:
-        self.ended = True
-        self._wake()
 
     def body_failed(self, error: ClientError) -> None:
         if self.error is None:
@@ -931,7 +940,7 @@ class _Pulled:
         if chunk:
             self._sink.body(chunk)
         else:
-            self._sink.body_end()
+            self._sink.body_end(b"")
 
     def pause(self) -> None:
         pass

@@ -103,8 +103,9 @@ class BodyReceiver(Protocol):
     def body(self, data: bytes) -> None:
         """The body bytes of one read from the socket (never empty)."""
 
-    def body_end(self) -> None:
-        """The body is complete; nothing follows."""
+    def body_end(self, data: bytes) -> None:
+        """The last bytes of the body (those of the read that completed it, perhaps none) and its end: nothing
+        follows. Given together so that the receiver can pass on the last bytes and the end at once."""
 
     def body_failed(self, error: ClientError) -> None:
         """The body broke (the connection ended, a malformed chunk); nothing follows."""
@@ -178,7 +179,8 @@ class UpstreamResponse:
 
     def push_to(self, receiver: BodyReceiver) -> None:
         """From now on the body goes to ``receiver`` from the connection's own callbacks, with no task in between:
-        the bytes of each read from the socket (its chunks joined), then ``body_end`` or ``body_failed`` once. What
+        the bytes of each read from the socket (its chunks joined), then ``body_end`` (with the last read's bytes) or
+        ``body_failed`` (after them) once. What
         arrived before is pushed at once. ``readany`` is not for a pushed body; flow control is the receiver's
         (``pause_reading``/``resume_reading``) instead of the buffer's high-water mark."""
         if self._receiver is not None or self._waiter is not None:
@@ -224,22 +226,25 @@ class UpstreamResponse:
         return self._size > _HIGH_WATER
 
     def _push(self) -> None:
-        """To the receiver: the bytes that arrived since the last push, then the end or the failure (once)."""
+        """To the receiver: the bytes that arrived since the last push, with the end when it came, or before the
+        failure (once)."""
         receiver = self._receiver
         if receiver is None:
             return
+        data = b""
         if self._chunks:
             chunks, self._chunks = self._chunks, []
             self._size = 0
-            receiver.body(chunks[0] if len(chunks) == 1 else b"".join(chunks))
-        if self._told or self._receiver is None:
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if not self._told and self._done and self._error is None:
+            self._told = True
+            receiver.body_end(data)
             return
-        if self._error is not None:
+        if data:
+            receiver.body(data)
+        if not self._told and self._error is not None and self._receiver is not None:
             self._told = True
             receiver.body_failed(self._error)
-        elif self._done:
-            self._told = True
-            receiver.body_end()
 
     def _finish(self) -> None:
         self._done = True
