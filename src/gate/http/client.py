@@ -30,9 +30,11 @@ A body is read in one of two ways. ``readany``/``read`` buffer it for a task (re
 ``push_to`` hands it instead to a ``BodyReceiver`` straight from the connection's ``data_received``: the bytes of
 each read (its chunks joined, so a read is one call and one write downstream, however many chunks it held), then
 the end or the failure once, with no task woken in between; the receiver owns flow control
-(``pause_reading``/``resume_reading``) and must not raise. The relay streams pass-through answers this way: about
-50 us per chunk went to waking its task through a future (``benchmarks/ANALYSIS.md``). Framing, limits and the
-rules above are the same for both: they are the parser's and the connection's, not the reader's.
+(``pause_reading``/``resume_reading``) and must not raise. The relay streams pass-through answers this way: a task
+woken through a future for every chunk took its Python cost per chunk from about 6 to 9.5 us on the benchmark
+machine (``benchmarks/micro/stream_relay.py``; the syscalls and polling around it are the same either way).
+Framing, limits and the rules above are the same for both: they are the parser's and the connection's, not the
+reader's.
 
 Response heads are limited as request heads are at the server: at most ``MAX_FIELDS`` fields and
 ``max_head_size`` bytes of names and values, else ``ResponseHeadTooLarge``. httptools gathers a field whole before
