@@ -28,8 +28,8 @@ an over-long body, a second answer), is dropped at once and never reused.
 
 A body is read in one of two ways. ``readany``/``read`` buffer it for a task (reading pauses past 256 KB unread).
 ``push_to`` hands it instead to a ``BodyReceiver`` straight from the connection's ``data_received``: the bytes of
-each read (its chunks joined, so a read is one call and one write downstream, however many chunks it held), then
-the end or the failure once, with no task woken in between; the receiver owns flow control
+each read (its chunks joined, so a read is one call and one write downstream, however many chunks it held), the
+last one with the end (or the failure after it), with no task woken in between; the receiver owns flow control
 (``pause_reading``/``resume_reading``) and must not raise. The relay streams pass-through answers this way: a task
 woken through a future for every chunk took its Python cost per chunk from about 6 to 9.5 us on the benchmark
 machine (``benchmarks/micro/stream_relay.py``; the syscalls and polling around it are the same either way).
