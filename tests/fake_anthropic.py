@@ -109,7 +109,7 @@ class FakeAnthropic:
             reply = self._default(request, body)
         try:
             return await self._answer(request, reply)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ConnectionResetError):  # cancelled waiting, or the write met the reset
             self.cancelled += 1
             raise
 

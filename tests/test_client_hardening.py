@@ -468,3 +468,225 @@ def test_the_pool_settings_have_safe_defaults_and_can_be_set(tmp_path: Path) -> 
     assert (api.pool_idle_timeout, api.max_response_header_size) == (0.5, 1024 * 1024)
     with pytest.raises(ConfigError, match="max-response-header-size"):
         gate_settings(tmp_path, "http://127.0.0.1:9", anthropic={"api": {"max-response-header-size": "10"}})
+
+
+# ------------------------------------------------------------------------------------------- pushed bodies
+
+
+class Receiver:
+    """A ``BodyReceiver`` that notes every call; ``pause_on_first`` pauses reading at the first bytes."""
+
+    def __init__(self, response: Any = None, *, pause_on_first: bool = False) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.response = response
+        self.pause_on_first = pause_on_first
+        self.over = asyncio.Event()
+
+    def body(self, data: bytes) -> None:
+        assert data and not self.over.is_set()
+        self.calls.append(("body", data))
+        if self.pause_on_first and len(self.calls) == 1:
+            self.response.pause_reading()
+
+    def body_end(self, data: bytes) -> None:
+        assert not self.over.is_set()
+        self.calls.append(("end", data))
+        self.over.set()
+
+    def body_failed(self, error: ClientError) -> None:
+        assert not self.over.is_set()
+        self.calls.append(("failed", error))
+        self.over.set()
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(value for kind, value in self.calls if kind in ("body", "end"))
+
+    @property
+    def kinds(self) -> list[str]:
+        return [kind for kind, _ in self.calls]
+
+
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+async def scripted_upstream(*pieces: bytes | float, close: bool = False) -> tuple[str, list[int]]:
+    """A server on the running loop answering every request with ``pieces``: bytes written, floats slept (each
+    write drained). Returns its URL and a list that counts its connections."""
+    connections: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lengths = [line.split(b":")[1] for line in head.lower().split(b"\r\n") if b"content-length" in line]
+                length = int(lengths[0]) if lengths else 0
+                await reader.readexactly(length)
+                for piece in pieces:
+                    if isinstance(piece, float):
+                        await asyncio.sleep(piece)
+                    else:
+                        writer.write(piece)
+                        await writer.drain()
+                if close:
+                    writer.close()
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", connections
+
+
+async def pushed(pool: Pool, receiver: Receiver, *, settle: float = 0.0) -> Any:
+    response = await pool.request("POST", "/v1/messages", [("content-type", "application/json")], b"{}")
+    if settle:
+        await asyncio.sleep(settle)  # let the body arrive (and fill the buffer) before anyone takes it
+    receiver.response = response
+    response.push_to(receiver)
+    return response
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_pushed_body_comes_read_by_read_in_order_then_its_end_and_the_connection_is_reused(loop: str) -> None:
+    events = [b"event: e%d\ndata: {}\n\n" % i for i in range(3)]
+
+    async def scenario() -> tuple[Receiver, list[int], int]:
+        url, connections = await scripted_upstream(
+            CHUNKED_HEAD + chunk(events[0]), 0.05, chunk(events[1]), 0.05, chunk(events[2]) + b"0\r\n\r\n"
+        )
+        pool = Pool(url, limit=0, connect_timeout=5)
+        receiver = Receiver()
+        response = await pushed(pool, receiver)
+        await asyncio.wait_for(receiver.over.wait(), 5)
+        response.release()
+        idle = len(pool._idle)
+        second = Receiver()
+        again = await pushed(pool, second)
+        await asyncio.wait_for(second.over.wait(), 5)
+        again.release()
+        await pool.close()
+        assert second.data == b"".join(events)
+        return receiver, connections, idle
+
+    receiver, connections, idle = run_on(loop, scenario)
+    assert receiver.data == b"".join(events)  # every byte, in order, chunk framing removed
+    assert receiver.kinds == ["body", "body", "end"]  # one call per read, the last with the end: no task between
+    assert idle == 1 and len(connections) == 1  # read to its end: back to the pool, and reused
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("same_read", [True, False], ids=["same-read", "later-read"])
+def test_a_pushed_body_broken_by_a_malformed_chunk_gives_the_good_bytes_then_one_failure(
+    loop: str, same_read: bool
+) -> None:
+    good = chunk(b"event: ping\ndata: {}\n\n")
+    pieces: tuple[bytes | float, ...] = (
+        (CHUNKED_HEAD + good + b"zz\r\nnot a chunk\r\n",) if same_read else (CHUNKED_HEAD + good, 0.05, b"zz\r\n")
+    )
+
+    async def scenario() -> tuple[Receiver, int]:
+        url, _ = await scripted_upstream(*pieces, 0.2)
+        pool = Pool(url, limit=0, connect_timeout=5)
+        receiver = Receiver()
+        response = await pushed(pool, receiver)
+        await asyncio.wait_for(receiver.over.wait(), 5)
+        await asyncio.sleep(0.05)  # the connection's loss comes after: it must not be told twice
+        response.release()
+        idle = len(pool._idle)
+        await pool.close()
+        return receiver, idle
+
+    receiver, idle = run_on(loop, scenario)
+    assert receiver.data == b"event: ping\ndata: {}\n\n"
+    assert receiver.kinds[-1] == "failed" and receiver.kinds.count("failed") == 1
+    assert idle == 0  # never reused
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_pushed_body_cut_by_the_connection_closing_fails(loop: str) -> None:
+    async def scenario() -> Receiver:
+        url, _ = await scripted_upstream(CHUNKED_HEAD + chunk(b"data: x\n\n"), 0.05, close=True)
+        pool = Pool(url, limit=0, connect_timeout=5)
+        receiver = Receiver()
+        response = await pushed(pool, receiver)
+        await asyncio.wait_for(receiver.over.wait(), 5)
+        response.release()
+        await pool.close()
+        return receiver
+
+    receiver = run_on(loop, scenario)
+    assert receiver.kinds == ["body", "failed"] and receiver.data == b"data: x\n\n"
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_pausing_a_pushed_body_stops_reading_until_it_resumes(loop: str) -> None:
+    piece = b"x" * 65536
+    count = 64  # 4 MB: far more than one read or the socket buffers
+
+    async def scenario() -> tuple[int, int, Receiver]:
+        url, _ = await scripted_upstream(CHUNKED_HEAD, *[chunk(piece) for _ in range(count)], b"0\r\n\r\n")
+        pool = Pool(url, limit=0, connect_timeout=5)
+        receiver = Receiver(pause_on_first=True)
+        response = await pushed(pool, receiver)
+        while not receiver.calls:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+        held = len(receiver.calls)
+        held_bytes = len(receiver.data)
+        response.resume_reading()
+        await asyncio.wait_for(receiver.over.wait(), 10)
+        response.release()
+        await pool.close()
+        return held, held_bytes, receiver
+
+    held, held_bytes, receiver = run_on(loop, scenario)
+    assert held == 1  # paused at its first bytes: nothing more was read for 0.3 s
+    assert held_bytes <= 1024 * 1024  # at most what one read brought
+    assert receiver.data == piece * count and receiver.kinds[-1] == "end"
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_body_that_arrived_before_push_to_is_pushed_at_once_and_reading_resumes(loop: str) -> None:
+    # 512 KB arrive before anyone asks: the buffer's high-water mark (256 KB) pauses the connection meanwhile.
+    piece = b"y" * 65536
+    count = 24
+
+    async def scenario() -> tuple[list[str], Receiver]:
+        url, _ = await scripted_upstream(CHUNKED_HEAD, *[chunk(piece) for _ in range(count)], b"0\r\n\r\n")
+        pool = Pool(url, limit=0, connect_timeout=5)
+        receiver = Receiver()
+        response = await pushed(pool, receiver, settle=0.3)
+        at_once = list(receiver.kinds)
+        await asyncio.wait_for(receiver.over.wait(), 10)
+        response.release()
+        await pool.close()
+        return at_once, receiver
+
+    at_once, receiver = run_on(loop, scenario)
+    assert at_once == ["body"]  # what was buffered, in one piece, inside push_to
+    assert receiver.data == piece * count and receiver.kinds[-1] == "end"
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_whole_body_that_arrived_before_push_to_is_pushed_with_its_end_in_one_call(loop: str) -> None:
+    events = b"event: ping\ndata: {}\n\n" * 3
+
+    async def scenario() -> list[tuple[str, Any]]:
+        url, _ = await scripted_upstream(CHUNKED_HEAD + chunk(events[:20]) + chunk(events[20:]) + b"0\r\n\r\n")
+        pool = Pool(url, limit=0, connect_timeout=5)
+        receiver = Receiver()
+        response = await pushed(pool, receiver, settle=0.1)
+        calls = list(receiver.calls)  # taken inside push_to
+        response.release()
+        idle = len(pool._idle)
+        await pool.close()
+        assert idle == 1
+        return calls
+
+    assert run_on(loop, scenario) == [("end", events)]

@@ -6,6 +6,7 @@ expects."""
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from anthropic.lib.vertex import AnthropicVertex
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from gate import relay
 from tests.fake_anthropic import FakeAnthropic, error_reply, fixture
 from tests.fake_clouds import (
     AWS_ACCESS_KEY,
@@ -338,6 +340,50 @@ def test_bedrock_corrupt_frame_cuts_the_stream_off(start_gate: StartGate, cloud:
         stream_bytes(gate, {**MESSAGE, "stream": True})
     [data] = usage(gate, 1)
     assert (data["status"], data["error_type"]) == ("error", "api_error")
+
+
+def test_a_bedrock_stream_to_a_client_that_never_reads_is_the_clients_timeout(
+    start_gate: StartGate, cloud: Clouds, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A translated answer takes the relay's pulled source (its task reads each piece): the same loop, the same
+    # back-pressure and the same two deadlines as a pass-through one.
+    pulls: list[int] = []
+    pull = relay._Pulled.next
+
+    async def counted(self: relay._Pulled) -> None:
+        pulls.append(1)
+        await pull(self)
+
+    monkeypatch.setattr(relay._Pulled, "next", counted)
+    gate = start_gate(
+        upstreams=[bedrock(cloud)],
+        anthropic={"api": {"timeouts": {"stream-idle": "1s"}}},
+        server={"limits": {"send-timeout": "2s"}},
+    )
+    sse = fixture("stream-basic.sse")
+    head = sse.split(b"event: content_block_delta", 1)[0]
+    delta = b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"' + b"x" * 1000 + b'"}}'
+    event = b"event: content_block_delta\ndata: " + delta + b"\n\n"
+    cloud.bedrock.stream_body = bedrock_stream(head + event * 4000)  # ~4 MB of frames: more than any buffer
+    cloud.bedrock.cuts = [64 * 1024] * 100
+    body = json.dumps({**MESSAGE, "stream": True}).encode()
+    sock = socket.create_connection(("127.0.0.1", gate.port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        sock.sendall(
+            b"POST /v1/messages HTTP/1.1\r\nHost: gate\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {gate.token()}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        sock.recv(1024)  # the head and a first piece; then this client reads nothing more
+        [data] = usage(gate, 1)
+    finally:
+        sock.close()
+    assert (data["status"], data["error_type"], data["http_status"]) == ("client_timeout", None, 200)
+    assert data["upstream"] == "bedrock-west" and data["input_tokens"] == 25
+    assert len(pulls) > 1  # the pulled source
+    health = httpx.get(gate.url + "/actuator/health", timeout=5).json()
+    assert health["components"]["circuitBreaker"]["details"]["failedCalls"] == 0
 
 
 # ------------------------------------------------------------------------------------------------ Foundry

@@ -16,6 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
+from gate import relay
+from gate.http import server
 from tests.fake_anthropic import FakeAnthropic, Received, Reply, error_reply, fixture
 from tests.harness import BackgroundLoop, RunningGate, read_events
 
@@ -242,10 +244,12 @@ def test_a_stream_stalled_before_its_first_chunk_gets_a_clean_504(start_gate: St
 
 
 class RawUpstream:
-    """A loopback upstream that answers every request with the same raw bytes, then closes."""
+    """A loopback upstream that answers every request with the same raw bytes (and ``later`` bytes 0.1 s after
+    them, in a read of their own), then closes."""
 
-    def __init__(self, answer: bytes) -> None:
+    def __init__(self, answer: bytes, later: bytes = b"") -> None:
         self.answer = answer
+        self.later = later
         self.bg = BackgroundLoop()
         self.port = 0
 
@@ -253,6 +257,10 @@ class RawUpstream:
         await reader.readuntil(b"\r\n\r\n")
         writer.write(self.answer)
         await writer.drain()
+        if self.later:
+            await asyncio.sleep(0.1)
+            writer.write(self.later)
+            await writer.drain()
         await asyncio.sleep(0.2)
         writer.close()
 
@@ -294,3 +302,156 @@ def test_a_model_name_no_model_has_is_refused_before_any_upstream_call(
     assert post(gate).status_code == 200
     [data] = events(gate, 1)
     assert data["status"] == "success"  # the refused call owed no event: the next event is the sentinel's
+
+
+# ------------------------------------------------------------------------------------------------ the stream relay
+# A pass-through answer's chunks go from the upstream connection's callback to the client's transport; the relay
+# task wakes only at the start, the end, on failures, deadlines and a client that does not keep up.
+
+
+def relayed_streams(gate: RunningGate) -> list[tuple[bool, int, int]]:
+    """For each stream Gate is relaying from Anthropic: (upstream reading paused, bytes buffered unread
+    from upstream, bytes waiting in the client's transport), read on Gate's own loop."""
+
+    def look() -> list[tuple[bool, int, int]]:
+        assert gate.gate is not None
+        pool = gate.gate.upstream._pool  # the anthropic upstream's (shared with the key prober)
+        assert pool is not None
+        found = []
+        for conn in pool._open:
+            response = conn._response
+            sink = getattr(response, "_receiver", None)
+            if response is None or sink is None:
+                continue
+            transport = sink._response._conn.transport
+            waiting = transport.get_write_buffer_size() if transport is not None else 0
+            found.append((conn.reading_paused, response._size, waiting))
+        return found
+
+    return gate.bg.call(look)
+
+
+def test_a_client_that_never_reads_holds_gate_to_bounded_buffers_while_upstream_floods(
+    start_gate: StartGate, fake: FakeAnthropic
+) -> None:
+    gate = start_gate(
+        anthropic={"api": {"timeouts": {"stream-idle": "1s"}}},
+        server={"limits": {"send-timeout": "2s"}},
+    )
+    flood = big_stream(16000)  # 16 MB, written as fast as Gate takes it
+    fake.responder = lambda r: Reply(body=flood, stream=True, cuts=[64 * 1024] * 300)
+    body = json.dumps(STREAM).encode()
+    sock = socket.create_connection(("127.0.0.1", gate.port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    samples: list[tuple[bool, int, int]] = []
+    try:
+        sock.sendall(
+            b"POST /v1/messages HTTP/1.1\r\nHost: gate\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {gate.token()}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        sock.recv(1024)  # the head and a first piece; then this client reads nothing more
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            samples += relayed_streams(gate)
+            time.sleep(0.05)
+        [data] = events(gate, 1)
+    finally:
+        sock.close()
+    assert samples, "the stream was not being relayed"
+    assert any(paused for paused, _, _ in samples)  # Gate stopped reading upstream
+    # What Gate holds for this stream: nothing unread from upstream, and in the client's transport no more than
+    # its high-water mark plus one read from upstream (256 KB), however much upstream has to send.
+    assert max(buffered for _, buffered, _ in samples) <= 256 * 1024
+    assert max(waiting for _, _, waiting in samples) <= 1024 * 1024
+    assert data["status"] == "client_timeout", data
+    assert data["error_type"] is None and data["http_status"] == 200
+    assert health(gate)["components"]["circuitBreaker"]["details"]["failedCalls"] == 0
+
+
+@pytest.mark.parametrize("same_read", [True, False], ids=["same-read", "later-read"])
+def test_a_malformed_chunk_after_good_ones_cuts_the_client_off_after_the_good_bytes(
+    start_gate: StartGate, same_read: bool
+) -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    good = fixture("stream-basic.sse").split(b"event: content_block_stop", 1)[0]
+    chunks = b"".join(b"%x\r\n%b\r\n" % (len(part), part) for part in (good[:300], good[300:]))
+    bad = b"zz\r\nnot a chunk\r\n"
+    with RawUpstream(head + chunks + bad if same_read else head + chunks, later=b"" if same_read else bad) as url:
+        gate = start_gate(upstream_url=url)
+        received = b""
+        headers = {"authorization": f"Bearer {gate.token()}"}
+        with (
+            pytest.raises(httpx.HTTPError),
+            httpx.stream("POST", gate.url + "/v1/messages", content=json.dumps(STREAM).encode(), headers=headers) as r,
+        ):
+            assert r.status_code == 200
+            for piece in r.iter_raw():
+                received += piece
+        [data] = events(gate, 1)
+    assert received == good  # every good byte, then the connection cut: never a well-framed end
+    assert (data["status"], data["error_type"], data["http_status"]) == ("error", "api_error", 200)
+    assert data["input_tokens"] == 25  # metered up to the break
+    assert health(gate)["components"]["circuitBreaker"]["details"]["failedCalls"] == 1  # a late failure
+
+
+def test_a_client_leaving_mid_stream_while_upstream_floods_cancels_upstream(
+    start_gate: StartGate, fake: FakeAnthropic
+) -> None:
+    gate = start_gate()
+    flood = big_stream(16000)
+    fake.responder = lambda r: Reply(body=flood, stream=True, cuts=[64 * 1024] * 300)
+    headers = {"authorization": f"Bearer {gate.token()}"}
+    with httpx.stream(
+        "POST", gate.url + "/v1/messages", content=json.dumps(STREAM).encode(), timeout=WAIT, headers=headers
+    ) as response:
+        assert next(response.iter_raw()).startswith(b"event: message_start")
+    wait_for(lambda: fake.cancelled == 1, "the upstream request to be cancelled")
+    assert fake.completed == 0
+    [data] = events(gate, 1)
+    assert (data["status"], data["error_type"], data["http_status"]) == ("client_disconnected", None, 200)
+    assert relayed_streams(gate) == []  # nothing left relaying
+    assert post(gate).status_code == 200  # and the next call is fine
+
+
+def test_the_relay_task_sleeps_through_a_pass_through_stream(
+    start_gate: StartGate, fake: FakeAnthropic, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wakes: list[str] = []
+    wait = relay._StreamSink.wait
+
+    async def counted(self: relay._StreamSink) -> None:
+        wakes.append("wait")
+        await wait(self)
+
+    monkeypatch.setattr(relay._StreamSink, "wait", counted)
+    gate = start_gate()
+    sse = fixture("stream-basic.sse")
+    fake.enqueue(Reply(fixture="stream-basic.sse", cuts=[40] * 60, delay=0.005))  # dozens of reads
+    response = post(gate, STREAM)
+    assert response.status_code == 200 and response.content == sse  # every byte, in order
+    [data] = events(gate, 1)
+    assert (data["status"], data["input_tokens"], data["output_tokens"]) == ("success", 25, 15)
+    assert len(wakes) <= 2, wakes  # once for the whole stream (twice if its first bytes came apart from the head)
+
+
+def test_a_stream_that_arrives_whole_reaches_the_client_in_one_write(
+    start_gate: StartGate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes: list[int] = []
+    write = server._Connection.write
+
+    def counted(self: server._Connection, data: bytes) -> None:
+        writes.append(len(data))
+        write(self, data)
+
+    monkeypatch.setattr(server._Connection, "write", counted)
+    sse = fixture("stream-basic.sse")
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    with RawUpstream(head + b"%x\r\n%b\r\n0\r\n\r\n" % (len(sse), sse)) as url:
+        gate = start_gate(upstream_url=url)
+        response = post(gate, STREAM)
+        [data] = events(gate, 1)
+    assert response.status_code == 200 and response.content == sse
+    assert len(writes) == 1  # head, the events and the end together: one write, one segment for the client
+    assert (data["status"], data["output_tokens"]) == ("success", 15)

@@ -23,8 +23,8 @@ from multidict import istr
 from gate.accounting.usage import UsageMeter, UsageRecord, filter_accept_encoding
 from gate.events import UsageEvents
 from gate.events.envelope import rfc3339_millis
-from gate.http.client import ClientError, ConnectError, ConnectTimeout
-from gate.http.deadlines import Deadlines
+from gate.http.client import ClientError, ConnectError, ConnectTimeout, UpstreamResponse
+from gate.http.deadlines import Deadline, Deadlines
 from gate.http.server import BadBody, BodyTooLarge, Request, Response, StreamResponse
 from gate.identity.auth import Authenticator, AuthError, www_authenticate
 from gate.ops.errors import error_response, error_type_for
@@ -668,8 +668,10 @@ class Relay:
     async def _relay_stream(
         self, request: Request, exchange: _Exchange, upstream: Answer, meter: UsageMeter | None
     ) -> StreamResponse:
-        """Chunks as they come. Two deadlines, one at a time: upstream's silence (``stream-idle``) while waiting
-        for a chunk, and the client's (``send-timeout``) while it does not take what was sent."""
+        """Chunks as they come, through a ``_StreamSink`` (meter, then client) fed by the answer's source. This task
+        runs only at the start, the end, on a failure or a deadline, and while the client does not keep up. Two
+        deadlines, one at a time: upstream's silence (``stream-idle``) while waiting for upstream, and the client's
+        (``send-timeout``) while it does not take what was sent."""
         response = StreamResponse(status=upstream.status, headers=response_headers(upstream.headers, keep_length=True))
         try:
             await response.prepare(request)
@@ -677,29 +679,36 @@ class Relay:
             raise _ClientGone() from None
         exchange.response = response
         watchdog = self._watchdogs.watch(self._idle_timeout)
+        sink = _StreamSink(exchange, meter, response, watchdog)
+        source: _Pushed | _Pulled = (
+            _Pushed(upstream, sink) if isinstance(upstream, UpstreamResponse) else _Pulled(upstream, sink)
+        )
+        sink.source = source
         on_client = False  # whose deadline runs: upstream's silence, or a client that takes nothing
         try:
+            source.start()
             while True:
-                waited_from = perf_counter()
-                try:
-                    chunk = await upstream.readany()
-                except ClientError:
-                    raise _UpstreamBroke("api_error", response) from None
-                finally:
-                    exchange.upstream_wait += perf_counter() - waited_from
-                if not chunk:
-                    break
-                watchdog.touch()
-                if meter is not None:
-                    meter.feed(chunk)
-                    if exchange.ttft_ms is None and meter.content_started:
-                        exchange.ttft_ms = int((perf_counter() - exchange.started) * 1000)
-                if response.send(chunk):
+                if sink.blocked:  # the client's buffer is full: upstream is not read until it drains
                     on_client = True
                     watchdog.touch(self._send_timeout)
                     await response.drain()
                     on_client = False
                     watchdog.touch(self._idle_timeout)
+                    sink.blocked = False
+                    source.resume()
+                    continue
+                error = sink.error
+                if error is not None:
+                    if isinstance(error, ClientError):
+                        raise _UpstreamBroke("api_error", response) from None
+                    raise error  # the client went away (ConnectionError, below), or a bug of ours
+                if sink.ended:
+                    break
+                waited_from, busy = perf_counter(), sink.busy
+                try:
+                    await source.next()
+                finally:
+                    exchange.upstream_wait += perf_counter() - waited_from - (sink.busy - busy)
             await response.write_eof()
         except ConnectionError:
             raise _ClientGone() from None
@@ -774,6 +783,170 @@ class Relay:
             fields["stop_reason"] = record.stop_reason
             fields["usage_status"] = record.status
         access_line(fields)
+
+
+class _StreamSink:
+    """Where a streamed answer's bytes go as they arrive: the usage meter (every byte, in order), then the client.
+
+    Its source calls it: from the upstream connection's callbacks for a pushed answer, from the relay task for a
+    pulled one. It wakes the relay task only for what needs a task: the end, a failure (upstream's, the client's,
+    or a bug of ours: never raised into the upstream connection's parser, where it would read as a malformed
+    answer), and a client whose buffer is full (``blocked``: the source is paused until the task has drained it
+    under the client's deadline). Each piece from upstream pushes upstream's deadline out (a float store).
+    """
+
+    __slots__ = (
+        "_exchange",
+        "_meter",
+        "_response",
+        "_waiter",
+        "_watchdog",
+        "blocked",
+        "busy",
+        "ended",
+        "error",
+        "source",
+    )
+
+    def __init__(
+        self, exchange: _Exchange, meter: UsageMeter | None, response: StreamResponse, watchdog: Deadline
+    ) -> None:
+        self._exchange = exchange
+        self._meter = meter
+        self._response = response
+        self._watchdog = watchdog
+        self._waiter: asyncio.Future[None] | None = None
+        self.source: _Pushed | _Pulled | None = None
+        self.blocked = False  # the client is not keeping up: the source is paused until the relay task drains it
+        self.ended = False
+        self.error: BaseException | None = None
+        self.busy = 0.0  # seconds spent relaying: Gate's time, not upstream's
+
+    # the source's side (``gate.http.client.BodyReceiver``)
+
+    def body(self, data: bytes) -> None:
+        self._relay(data, last=False)
+
+    def body_end(self, data: bytes) -> None:
+        """The last bytes and the end go to the client in one write (for a whole answer in one read, its only
+        one); a client that has not taken them is still drained under its deadline."""
+        self._relay(data, last=True)
+
+    def _relay(self, data: bytes, *, last: bool) -> None:
+        if self.error is not None or self.ended:
+            return
+        started = perf_counter()
+        try:
+            if not self.blocked:
+                self._watchdog.touch()  # upstream is alive
+            meter = self._meter
+            if meter is not None and data:
+                meter.feed(data)
+                exchange = self._exchange
+                if exchange.ttft_ms is None and meter.content_started:
+                    exchange.ttft_ms = int((perf_counter() - exchange.started) * 1000)
+            if last:
+                self.ended = True
+                if self._response.end(data):
+                    self.blocked = True  # nothing more to read: only the client's deadline is left
+                self._wake()
+            elif self._response.send(data) and not self.blocked:
+                self.blocked = True
+                self._pause()
+                self._wake()
+        except ConnectionError as exc:  # the client went away
+            self._stop(exc)
+        except Exception as exc:  # a bug of ours: the relay task raises it (recorded, never as a success)
+            log.exception("relaying a chunk failed")
+            self._stop(exc)
+        finally:
+            self.busy += perf_counter() - started
+
+    def body_failed(self, error: ClientError) -> None:
+        if self.error is None:
+            self.error = error
+        self._wake()
+
+    # the relay task's side
+
+    async def wait(self) -> None:
+        """Until the relay task has something to do: the client blocked, the end, or a failure."""
+        if self.blocked or self.ended or self.error is not None:
+            return
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def _stop(self, error: BaseException) -> None:
+        self.error = error
+        self._pause()
+        self._wake()
+
+    def _pause(self) -> None:
+        if self.source is not None:
+            self.source.pause()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class _Pushed:
+    """A pass-through answer (``UpstreamResponse``: Anthropic's, and any cloud's answer Gate forwards unchanged):
+    the upstream connection's callbacks hand each read to the sink, so the relay task sleeps from the first
+    byte to the last unless the client falls behind."""
+
+    __slots__ = ("_answer", "_sink")
+
+    def __init__(self, answer: UpstreamResponse, sink: _StreamSink) -> None:
+        self._answer = answer
+        self._sink = sink
+
+    def start(self) -> None:
+        self._answer.push_to(self._sink)  # what arrived with the head goes out now
+
+    async def next(self) -> None:
+        await self._sink.wait()
+
+    def pause(self) -> None:
+        self._answer.pause_reading()
+
+    def resume(self) -> None:
+        self._answer.resume_reading()
+
+
+class _Pulled:
+    """Any other answer (one that transforms what upstream sends, as Bedrock's event stream): the relay task
+    reads each piece and hands it to the sink. Flow control is the task's: it reads nothing while it drains."""
+
+    __slots__ = ("_answer", "_sink")
+
+    def __init__(self, answer: Answer, sink: _StreamSink) -> None:
+        self._answer = answer
+        self._sink = sink
+
+    def start(self) -> None:
+        pass
+
+    async def next(self) -> None:
+        try:
+            chunk = await self._answer.readany()
+        except ClientError as exc:
+            self._sink.body_failed(exc)
+            return
+        if chunk:
+            self._sink.body(chunk)
+        else:
+            self._sink.body_end(b"")
+
+    def pause(self) -> None:
+        pass
+
+    def resume(self) -> None:
+        pass
 
 
 def _cut_off(request: Request, response: StreamResponse) -> StreamResponse:

@@ -238,13 +238,14 @@ def _header_items(headers: Mapping[str, str] | Iterable[tuple[str, str]] | None)
 
 class StreamResponse:
     """A response written as it goes: ``prepare`` fixes status and headers, ``write`` sends each chunk (the head
-    with the first), ``write_eof`` the end.
+    with the first), ``write_eof`` the end (``end`` the last chunk and the end in one write).
 
     Nothing reaches the client before the first ``write`` (or ``write_eof``): until then (``head_sent`` False) a
     handler may still drop this response and answer with another, say a clean 502 when upstream broke before its
     first byte. Without a ``content_length`` the body is sent chunked (HTTP/1.1) or delimited by closing
     (HTTP/1.0). ``write`` waits while the client's socket buffer is full (``send`` + ``drain`` split the two), and
-    raises ``ConnectionResetError`` once it is gone.
+    raises ``ConnectionResetError`` once it is gone. ``send`` never waits, so it may be called outside the
+    handler's task: the relay calls it from the upstream connection's callback, and only drains in its task.
     """
 
     __slots__ = (
@@ -321,18 +322,26 @@ class StreamResponse:
         if self.send(data):
             await self.drain()
 
-    async def write_eof(self) -> None:
+    def end(self, data: bytes = b"") -> bool:
+        """Write the last ``data`` (if any) and the end in one write, without waiting; True when the client is not
+        keeping up (``drain`` if it must have taken them)."""
         if self.eof:
-            return
+            return False
         self.eof = True
         conn = self._conn
         if conn is None or conn.transport is None:
             raise ConnectionResetError("the client went away")
         head = self._take_head(conn)
+        if self._head_only:
+            data = b""
         if self._chunked:
-            conn.write(head + b"0\r\n\r\n")
-        elif head:
-            conn.write(head)
+            conn.write(b"%b%x\r\n%b\r\n0\r\n\r\n" % (head, len(data), data) if data else head + b"0\r\n\r\n")
+        elif head or data:
+            conn.write(head + data)
+        return conn.write_paused
+
+    async def write_eof(self) -> None:
+        self.end()
 
 
 class Response(StreamResponse):

@@ -50,7 +50,12 @@ _MAX_ERROR_BODY = 64 * 1024
 
 
 class Answer(Protocol):
-    """An upstream answer whose head has arrived, as the relay reads it (``UpstreamResponse`` is one)."""
+    """An upstream answer whose head has arrived, as the relay reads it (``UpstreamResponse`` is one).
+
+    The relay streams an ``UpstreamResponse`` (a pass-through answer) by having its connection push the bytes
+    (``UpstreamResponse.push_to``), with no task woken per chunk; any other answer, one that transforms what
+    upstream sends, is read through ``readany``. So an answer that forwards upstream's bytes unchanged is best
+    returned as the ``UpstreamResponse`` itself rather than wrapped."""
 
     status: int
     headers: CIMultiDictProxy[str]
