@@ -8,7 +8,7 @@ request for unpaced streams at c=50 (one read per stream: the per-request part a
 
     .venv/bin/python benchmarks/chunk_cost.py --only gate-nopub,minimal --rounds 3 [--before SRC]
 
-``--before SRC`` adds ``gate-before`` (``gate-nopub`` with ``PYTHONPATH=SRC``), as in ``stream_c1.py``. Contenders
+``--before SRC`` adds ``gate-before`` (``gate-nopub`` with ``PYTHONPATH=SRC``), as in ``run.py --before``. Contenders
 run pinned as in run.py; rounds are interleaved.
 """
 
@@ -65,11 +65,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--duration", type=float, default=6.0)
     p.add_argument("--before", default=None)
     args = p.parse_args(argv)
-    bench_args = run.parse_args(["--phases", "main", "--skip-install", "--rounds", str(args.rounds)])
+    before = ["--before", args.before] if args.before else []
+    bench_args = run.parse_args(["--phases", "main", "--skip-install", "--rounds", str(args.rounds), *before])
     bench = run.Bench(bench_args)
-    names = [n for n in args.only.split(",") if n]
-    if args.before:
-        names.append("gate-before")
+    names = [n for n in args.only.split(",") if n] + (["gate-before"] if args.before else [])
     results: dict[str, dict[str, list[float]]] = {
         n: {"paced_us_per_chunk": [], "paced_us_per_read": [], "stream_us_per_request": []} for n in names
     }
@@ -82,12 +81,7 @@ def main(argv: list[str]) -> int:
                 pair = []
                 for url in (paced_url, fast_url):
                     setup = bench.setup(url)
-                    if name == "gate-before":
-                        c = lineup.gate(setup, "gate-before", publisher="none")
-                        assert c.env is not None
-                        c.env["PYTHONPATH"] = args.before
-                    else:
-                        c = lineup.build(name, setup)
+                    c = lineup.build(name, setup)
                     c.name = f"{name}@{'paced' if url == paced_url else 'fast'}"
                     if not bench.launch(c, url, stream_check=url == fast_url):
                         raise SystemExit(f"{c.name} did not start: {c.status}")

@@ -98,6 +98,7 @@ class Setup:
     quick: bool
     skip_install: bool
     gate_workers: int = 1
+    before_src: str | None = None  # gate-before: the ``src`` of an earlier commit (``--before``)
 
 
 # ---------------------------------------------------------------------------------------------- builders
@@ -382,6 +383,14 @@ def build(name: str, setup: Setup) -> Contender:
     if name == "gate-nopub":
         c = gate(setup, "gate-nopub", publisher="none")
         c.kinds = ("json_c50", "stream_c50")  # only throughput: the cost of publishing, in less time
+        return c
+    if name == "gate-before":
+        # An A/B in the same rounds: gate-nopub on an earlier commit's code (``run.py --before SRC``).
+        if not setup.before_src:
+            raise ValueError("gate-before needs --before SRC (the src folder of an earlier commit)")
+        c = gate(setup, "gate-before", publisher="none")
+        assert c.env is not None
+        c.env["PYTHONPATH"] = setup.before_src
         return c
     raise ValueError(f"unknown contender {name!r}; known: {', '.join(ALL)}")
 

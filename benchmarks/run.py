@@ -68,6 +68,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="default results/latest.json for a full run, else under .work/")
     p.add_argument("--work-dir", type=Path, default=BENCH_DIR / ".work")
     p.add_argument(
+        "--before",
+        metavar="SRC",
+        help="add gate-before: gate-nopub run on SRC, an earlier commit's src (git archive), for an interleaved A/B",
+    )
+    p.add_argument(
         "--previous",
         type=Path,
         default=BENCH_DIR / "results" / "latest.json",
@@ -81,7 +86,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown phases: {', '.join(sorted(unknown))}")
     names = [x for x in (args.only or ",".join(lineup.ALL)).split(",") if x]
-    unknown = set(names) - set(lineup.ALL)
+    if args.before:
+        names.append("gate-before")
+    unknown = set(names) - set(lineup.ALL) - {"gate-before"}
     if unknown:
         p.error(f"unknown contenders: {', '.join(sorted(unknown))}")
     args.names = ["direct", *[n for n in names if n != "direct"]]
@@ -180,6 +187,7 @@ class Bench:
             proxy_cpus=self.proxy_cpus,
             quick=self.args.quick,
             skip_install=self.args.skip_install,
+            before_src=getattr(self.args, "before", None),
         )
 
     def launch(self, c: Contender, fake_url: str, stream_check: bool = True) -> bool:
