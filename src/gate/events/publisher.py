@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import random
 import threading
 import time
 from collections import deque
@@ -30,6 +29,7 @@ from gate.accounting.usage import UsageRecord
 from gate.events.envelope import build_event, encode_event, new_event_ids
 from gate.events.outbox import Outbox, OutboxError, PendingEvent
 from gate.events.sink import SendResult, Sink, SinkUnavailable
+from gate.ops.backoff import Backoff
 from gate.settings import UsageSettings
 
 __all__ = ["UsageEvents", "make_sink"]
@@ -64,23 +64,6 @@ def make_sink(settings: UsageSettings) -> Sink:
 
         return LogSink()
     raise ValueError(f"usage.publisher {settings.publisher!r} has no sink")
-
-
-class _Backoff:
-    """Exponential steps from ``initial`` to ``maximum``, each drawn from its upper half (equal jitter)."""
-
-    def __init__(self, initial: float, maximum: float) -> None:
-        self._initial = max(initial, 0.001)
-        self._maximum = max(maximum, self._initial)
-        self._attempt = 0
-
-    def next(self) -> float:
-        step = min(self._maximum, self._initial * 2 ** min(self._attempt, 32))
-        self._attempt += 1
-        return float(step / 2 + random.uniform(0, step / 2))
-
-    def reset(self) -> None:
-        self._attempt = 0
 
 
 class UsageEvents:
@@ -351,7 +334,7 @@ class UsageEvents:
     # ----------------------------------------------------------------------------------------- delivery task
 
     async def _deliver_loop(self, sink: Sink, outbox: Outbox) -> None:
-        backoff = _Backoff(self._settings.outbox.retry_initial, self._settings.outbox.retry_max)
+        backoff = Backoff(self._settings.outbox.retry_initial, self._settings.outbox.retry_max)
         batch_size = self._settings.outbox.batch_size
         while not self._stopping:
             self._wakeup.clear()
@@ -456,7 +439,7 @@ class UsageEvents:
         newest = max(event.created for event in batch if event.seq in delivered)
         self.last_delivery_lag_seconds = max(time.time() - newest, 0.0)
 
-    async def _idle(self, sink: Sink, backoff: _Backoff, wait: float = _IDLE_CHECK) -> None:
+    async def _idle(self, sink: Sink, backoff: Backoff, wait: float = _IDLE_CHECK) -> None:
         if not sink.connected and not self._draining:
             try:
                 await sink.connect()

@@ -24,12 +24,13 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from gate.accounting.prices import PriceTable
 from gate.http.server import HttpServer, Request, Response, Router
 from gate.identity.auth import Authenticator
+from gate.ops.backoff import Backoff
 from gate.ops.errors import error_response
 from gate.settings import GateSettings
 from gate.usagesink.bigquery import BigQueryLoader, BigQueryUnavailable
 from gate.usagesink.postgres import DatabaseUnavailable, PostgresStore, migrate
 from gate.usagesink.rows import BadEvent, UsageRow, row_from_event
-from gate.usagesink.sources import Backoff, Delivery, Source, make_source
+from gate.usagesink.sources import Delivery, Source, make_source
 
 __all__ = ["UsageSink", "run"]
 

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -21,6 +20,7 @@ import aiormq.abc
 import pamqp.exceptions
 from yarl import URL
 
+from gate.ops.backoff import Backoff
 from gate.settings import UsageSettings, UsageSinkSettings
 from gate.usagesink.rows import from_amqp, from_pubsub
 
@@ -54,23 +54,6 @@ class Source(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-class Backoff:
-    """Exponential steps from ``initial`` to ``maximum`` with equal jitter (as the publisher's)."""
-
-    def __init__(self, initial: float, maximum: float) -> None:
-        self._initial = max(initial, 0.001)
-        self._maximum = max(maximum, self._initial)
-        self._attempt = 0
-
-    def next(self) -> float:
-        step = min(self._maximum, self._initial * 2 ** min(self._attempt, 32))
-        self._attempt += 1
-        return float(step / 2 + random.uniform(0, step / 2))
-
-    def reset(self) -> None:
-        self._attempt = 0
 
 
 def make_source(sink: UsageSinkSettings, usage: UsageSettings) -> Source:
