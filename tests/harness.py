@@ -48,6 +48,24 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def stalled_stream_client(port: int, token: str, body: bytes) -> socket.socket:
+    """A client that sends ``POST /v1/messages`` with a tiny receive buffer, takes the head and a first piece, and
+    then reads nothing more: Gate's writes back up. The caller closes the socket."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(
+            b"POST /v1/messages HTTP/1.1\r\nHost: gate\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {token}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        sock.recv(1024)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def gate_settings(
     tmp: Path, upstream_url: str, *, profiles: tuple[str, ...] = ("local",), **sections: Any
 ) -> GateSettings:

@@ -6,7 +6,6 @@ expects."""
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from tests.fake_clouds import (
     exception_frame,
     sse_events,
 )
-from tests.harness import BackgroundLoop, RunningGate, read_events
+from tests.harness import BackgroundLoop, RunningGate, read_events, stalled_stream_client
 
 PROJECT, REGION, AWS_REGION = "gate-test", "us-east5", "us-west-2"
 MESSAGE: dict[str, Any] = {
@@ -367,15 +366,8 @@ def test_a_bedrock_stream_to_a_client_that_never_reads_is_the_clients_timeout(
     cloud.bedrock.stream_body = bedrock_stream(head + event * 4000)  # ~4 MB of frames: more than any buffer
     cloud.bedrock.cuts = [64 * 1024] * 100
     body = json.dumps({**MESSAGE, "stream": True}).encode()
-    sock = socket.create_connection(("127.0.0.1", gate.port))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock = stalled_stream_client(gate.port, gate.token(), body)
     try:
-        sock.sendall(
-            b"POST /v1/messages HTTP/1.1\r\nHost: gate\r\nContent-Type: application/json\r\n"
-            + f"Authorization: Bearer {gate.token()}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
-        sock.recv(1024)  # the head and a first piece; then this client reads nothing more
         [data] = usage(gate, 1)
     finally:
         sock.close()

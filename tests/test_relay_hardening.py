@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 from gate import relay
 from gate.http import server
 from tests.fake_anthropic import FakeAnthropic, Received, Reply, error_reply, fixture
-from tests.harness import BackgroundLoop, RunningGate, read_events
+from tests.harness import BackgroundLoop, RunningGate, read_events, stalled_stream_client
 
 MESSAGE = {"model": "claude-opus-4-6", "max_tokens": 64, "messages": [{"role": "user", "content": "Hello"}]}
 STREAM = {**MESSAGE, "stream": True}
@@ -202,15 +201,8 @@ def test_a_client_that_stops_reading_is_not_blamed_on_anthropic(start_gate: Star
     )
     fake.responder = lambda r: Reply(body=big_stream(), stream=True, cuts=[64 * 1024] * 100)
     body = json.dumps(STREAM).encode()
-    sock = socket.create_connection(("127.0.0.1", gate.port))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock = stalled_stream_client(gate.port, gate.token(), body)
     try:
-        sock.sendall(
-            b"POST /v1/messages HTTP/1.1\r\nHost: gate\r\nContent-Type: application/json\r\n"
-            + f"Authorization: Bearer {gate.token()}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
-        sock.recv(1024)  # the head and a first piece; then this client reads nothing more
         [data] = events(gate, 1)
     finally:
         sock.close()
@@ -341,16 +333,9 @@ def test_a_client_that_never_reads_holds_gate_to_bounded_buffers_while_upstream_
     flood = big_stream(16000)  # 16 MB, written as fast as Gate takes it
     fake.responder = lambda r: Reply(body=flood, stream=True, cuts=[64 * 1024] * 300)
     body = json.dumps(STREAM).encode()
-    sock = socket.create_connection(("127.0.0.1", gate.port))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock = stalled_stream_client(gate.port, gate.token(), body)
     samples: list[tuple[bool, int, int]] = []
     try:
-        sock.sendall(
-            b"POST /v1/messages HTTP/1.1\r\nHost: gate\r\nContent-Type: application/json\r\n"
-            + f"Authorization: Bearer {gate.token()}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
-        sock.recv(1024)  # the head and a first piece; then this client reads nothing more
         deadline = time.monotonic() + 1.5
         while time.monotonic() < deadline:
             samples += relayed_streams(gate)
