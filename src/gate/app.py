@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from gate import __version__
 from gate.accounting.prices import PriceTable
-from gate.events import UsageEvents
+from gate.events import Events, open_events
 from gate.http.server import HttpServer, Request, Response, Router
 from gate.http.tls import server_context
 from gate.identity.auth import Authenticator
@@ -76,7 +76,7 @@ class Gate:
     breaker: CircuitBreaker = field(init=False)  # the first upstream's
     upstreams: Upstreams = field(init=False)
     prices: PriceTable = field(init=False)
-    events: UsageEvents = field(init=False)
+    events: Events = field(init=False)
     health: Health = field(init=False)
     relay: Relay = field(init=False)
     key_files: KeyFiles | None = field(init=False, default=None)
@@ -113,7 +113,8 @@ class Gate:
         self.breaker = self.upstreams.adapters[0].breaker
         telemetry.set_breaker_state_source(lambda: str(self.breaker.state))
         self.prices = PriceTable.from_settings(s.prices)
-        self.events = UsageEvents(s.usage, prices=self.prices)
+        logs = s.observability.logging
+        self.events = open_events(s.usage, prices=self.prices, logging=(logs.format, logs.level))
         telemetry.set_usage_source(self.events)
         if s.limits.enabled:
             from gate.store.counters import open_counter_store

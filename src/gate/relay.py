@@ -3,7 +3,7 @@ key, ask that upstream's breaker, call it, relay the bytes back.
 
 The response reaches the client chunk by chunk as upstream sends it, tapped by the usage meter on the way; every
 upstream call of ``/v1/messages`` ends in exactly one usage record, whatever happens (errors, timeouts, a client
-that goes away). The relay never blocks on publishing: ``UsageEvents.publish`` only enqueues.
+that goes away). The relay never blocks on publishing: ``publish`` only enqueues.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import orjson
 from multidict import istr
 
 from gate.accounting.usage import UsageMeter, UsageRecord, filter_accept_encoding
-from gate.events import UsageEvents
+from gate.events import Events
 from gate.events.envelope import rfc3339_millis
 from gate.http.client import ClientError, ConnectError, ConnectTimeout, UpstreamResponse
 from gate.http.deadlines import Deadline, Deadlines
@@ -215,7 +215,7 @@ class Relay:
         *,
         upstreams: Upstreams,
         auth: Authenticator,
-        events: UsageEvents,
+        events: Events,
         telemetry: Telemetry,
         policy: ModelPolicy | None = None,
         limits: Limits | None = None,

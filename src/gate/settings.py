@@ -545,6 +545,9 @@ class UsageSettings(_Section):
     event_source: str = Field("/gate/messages", min_length=1)
     # None: each sink's convention, structured for RabbitMQ and binary (ce-* attributes) for Pub/Sub.
     content_mode: Literal["structured", "binary"] | None = None
+    # process: events are built, committed and delivered by a child process of each Gate process, off the
+    # request core (events/delivery.py); loop: in the request process, its writer thread and event loop.
+    delivery: Literal["process", "loop"] = "process"
     rabbitmq: RabbitMQSettings = RabbitMQSettings()
     pubsub: PubSubSettings = PubSubSettings()
     file: FileSinkSettings = FileSinkSettings()

@@ -1,8 +1,11 @@
 """Usage events: the CloudEvents envelope, the durable outbox, and the sinks (RabbitMQ, Pub/Sub, file, log).
 
-The relay calls ``UsageEvents.publish(record)`` once per upstream call; the app starts and closes it.
+The relay calls ``publish(record)`` once per upstream call; the app starts and closes the events. ``open_events``
+gives a ``DeliveryProcess`` (``usage.delivery: process``, the work in a child process) or a ``UsageEvents`` (all of
+it in the request process).
 """
 
+from gate.events.delivery import DeliveryProcess, Events, open_events
 from gate.events.envelope import (
     BinaryEvent,
     build_event,
@@ -17,6 +20,8 @@ from gate.events.sink import SendResult, Sink, SinkUnavailable
 
 __all__ = [
     "BinaryEvent",
+    "DeliveryProcess",
+    "Events",
     "Outbox",
     "OutboxError",
     "PendingEvent",
@@ -28,6 +33,7 @@ __all__ = [
     "encode_event",
     "make_sink",
     "new_event_id",
+    "open_events",
     "rfc3339_millis",
     "to_binary",
 ]

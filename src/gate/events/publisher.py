@@ -107,6 +107,8 @@ class UsageEvents:
         # seq -> (why the sink refused it, published_total before that send): held out of the batches
         self._suspects: dict[int, tuple[str, int]] = {}
         self._last_dead_letter: str | None = None
+        self._taken = 0  # records the writer took from the buffer whose rows are not committed yet
+        self.written_total = 0  # records committed to the outbox (or dropped as unencodable) so far
         self.published_total = 0
         self.publish_failures_total = 0
         self.last_delivery_lag_seconds: float | None = None
@@ -163,6 +165,26 @@ class UsageEvents:
             },
         }
 
+    def report(self) -> dict[str, object]:
+        """Every number and error at once, as the delivery process sends them to the request process."""
+        outbox, sink = self._outbox, self._sink
+        return {
+            "written": self.written_total,
+            "outbox_depth": 0 if outbox is None else outbox.depth,
+            "oldest_created": None if outbox is None else outbox.oldest_created,
+            "published": self.published_total,
+            "failures": self.publish_failures_total,
+            "dropped": self.dropped_total,
+            "dead_letters": self.dead_letters,
+            "commits": self.outbox_commits_total,
+            "lag": self.last_delivery_lag_seconds,
+            "connected": bool(sink is not None and sink.connected),
+            "writer_error": self._writer_error,
+            "last_error": self._last_error,
+            "last_dead_letter": self._last_dead_letter,
+            "path": None if outbox is None else str(outbox.path),
+        }
+
     # --------------------------------------------------------------------------------------- the relay's side
 
     def publish(self, record: UsageRecord) -> None:
@@ -174,6 +196,15 @@ class UsageEvents:
                 self._buffer.append((record, time.time()))
                 return
             self._refuse(f"the outbox holds usage.outbox.max-events={self._max_events} undelivered events")
+        elif self._enabled:
+            self._refuse("usage events are closed")
+
+    def accept(self, record: UsageRecord, at: float) -> None:
+        """Take a record published at ``at`` that a caller already admitted against ``max-events``: the delivery
+        process's way in (``events/delivery.py``), where the request process keeps the count. Never refuses
+        while open: a refusal here would lose an event that its publisher was told was taken."""
+        if self._accepting:
+            self._buffer.append((record, at))
         elif self._enabled:
             self._refuse("usage events are closed")
 
@@ -299,6 +330,7 @@ class UsageEvents:
         buffer = self._buffer
         # Only what is there now: under a flood of publishes the commits still come every interval.
         taken = [buffer.popleft() for _ in range(len(buffer))]
+        self._taken += len(taken)
         event_type, source, prices = self._settings.event_type, self._settings.event_source, self._prices
         for (record, at), event_id in zip(taken, new_event_ids(len(taken)), strict=True):
             try:
@@ -310,6 +342,7 @@ class UsageEvents:
                 self._unencodable += 1
                 log.error("usage record dropped: it cannot be encoded as JSON (%s)", exc)
         if not rows:
+            self._written()
             return
         assert self._outbox is not None
         try:
@@ -323,7 +356,14 @@ class UsageEvents:
             log.info("the usage outbox accepts writes again")
             self._writer_error = None
         rows.clear()
+        self._written()
         self._wake_delivery()
+
+    def _written(self) -> None:
+        # Every record taken so far is in the outbox now (or was dropped as unencodable): rows the outbox refused
+        # are retried together with later ones, so a commit that succeeds settles all of them at once.
+        self.written_total += self._taken
+        self._taken = 0
 
     def _wake_delivery(self) -> None:
         loop = self._loop
