@@ -22,7 +22,7 @@ from procs import Proc, free_port, wait_port
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 LITELLM_SPEC = "litellm[proxy]"
-ALL = ("direct", "nginx", "litellm", "minimal", "claude-gateway", "gate", "gate-loop", "gate-nopub")
+ALL = ("direct", "nginx", "litellm", "minimal", "claude-gateway", "gate", "gate-process", "gate-nopub")
 
 # Environment that must not leak into Gate's or LiteLLM's configuration from the shell running the benchmark.
 _SCRUB_PREFIXES = (
@@ -333,7 +333,7 @@ def gate(
 ) -> Contender:
     descriptions = {
         "rabbitmq": "Gate, everything on: RS256 JWT via JWKS, 2 keys rotated, usage metering, RabbitMQ "
-        "through the outbox (in its delivery process, pinned with Gate), tracing and metrics (no exporter), access log",
+        "through the outbox, tracing and metrics (no exporter), access log",
         "none": "Gate as above but usage.publisher: none (the cost of publishing)",
     }
     c = Contender(
@@ -380,14 +380,15 @@ def build(name: str, setup: Setup) -> Contender:
         return claude_gateway(setup)
     if name == "gate":
         return gate(setup)
-    if name == "gate-loop":
-        # Delivery in the request process, as before issue 16: what the delivery process buys, in the same rounds.
-        c = gate(setup, "gate-loop")
+    if name == "gate-process":
+        # The delivery process on the same core as Gate (all of a contender's processes are pinned together).
+        c = gate(setup, "gate-process")
         c.description = (
-            "Gate as `gate` but usage.delivery: loop (events built, committed and sent in the request process)"
+            "Gate as `gate` but usage.delivery: process (events built, committed and sent by a child process, "
+            "pinned on Gate's core)"
         )
         assert c.env is not None
-        c.env["USAGE_DELIVERY"] = "loop"
+        c.env["USAGE_DELIVERY"] = "process"
         c.kinds = ("json_c1", "stream_c1", "json_c50", "stream_c50", "paced_c50")
         return c
     if name == "gate-nopub":

@@ -545,9 +545,10 @@ class UsageSettings(_Section):
     event_source: str = Field("/gate/messages", min_length=1)
     # None: each sink's convention, structured for RabbitMQ and binary (ce-* attributes) for Pub/Sub.
     content_mode: Literal["structured", "binary"] | None = None
-    # process: events are built, committed and delivered by a child process of each Gate process, off the
-    # request core (events/delivery.py); loop: in the request process, its writer thread and event loop.
-    delivery: Literal["process", "loop"] = "process"
+    # loop: events are built, committed and delivered in the request process (its writer thread and event loop);
+    # process: by a child process of each Gate process (events/delivery.py), worth it only when each Gate process
+    # has a core to spare for it: on a shared core it cost about 40 % of the throughput (benchmarks/ANALYSIS.md).
+    delivery: Literal["loop", "process"] = "loop"
     rabbitmq: RabbitMQSettings = RabbitMQSettings()
     pubsub: PubSubSettings = PubSubSettings()
     file: FileSinkSettings = FileSinkSettings()

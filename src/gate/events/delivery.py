@@ -1,17 +1,19 @@
 """The delivery process: usage events built, committed and delivered by a process of their own, off the request core.
 
-``DeliveryProcess`` is what the app and the relay see when ``usage.delivery`` is ``process`` (the default): the
-same face as ``UsageEvents`` (``publish``, ``start``, ``close``, the numbers and ``health``). Behind it a child
-process (``gate.events.delivery.main``, one per Gate process, so one per worker) runs a ``UsageEvents`` of
-its own: the writer thread that builds CloudEvents and commits them to the outbox, and the delivery task that
-sends them to the broker and waits for its confirms. The request process keeps only what a request must: an
-append per record and, once per turn of its event loop, one write of the turn's records to the child.
+``DeliveryProcess`` is what the app and the relay see when ``usage.delivery`` is ``process``: the same face as
+``UsageEvents`` (``publish``, ``start``, ``close``, the numbers and ``health``). Behind it a child process
+(``gate.events.delivery.main``, one per Gate process, so one per worker) runs a ``UsageEvents`` of its own: the
+writer thread that builds CloudEvents and commits them to the outbox, and the delivery task that sends them to the
+broker and waits for its confirms. The request process keeps only what a request must: an append per record and,
+every ``_FLUSH_DELAY`` (5 ms) while records come, one write of them to the child.
 
-Why a process: with delivery on the request loop (``usage.delivery: loop``), ``make bench`` measured publishing
-to RabbitMQ at about a third of Gate's throughput and most of its tail at c=1 (``benchmarks/ANALYSIS.md``); a thread
-with its own event loop was measured worse than the loop itself, because the GIL hands the core over only every
-switch interval. A process has its own interpreter: on a second core it runs beside the requests, and on a shared
-core the kernel preempts it for a request far sooner than a thread holding the GIL lets go.
+Why a process, and why it is not the default: delivery costs about 190 us of CPU per event (aiormq alone 105-130 us
+per confirmed message, ``benchmarks/micro/amqp_publish.py``), and on the request loop that time is taken between
+requests. A thread would not help (measured worse than the loop: the GIL hands the core over only every switch
+interval); a process has its own interpreter and, on a core of its own, runs beside the requests. On the core the
+requests use, it does not: two Python processes sharing one core cost about 40 % of Gate's throughput at c=50
+against ``loop`` (``make bench``, ``gate-process``), the same work plus the handover and the cache each switch
+evicts. So ``loop`` is the default, and ``process`` is for hosts that give each Gate process a core to spare.
 
 Nothing is lost on the way, and nothing is counted twice:
 
@@ -23,8 +25,9 @@ Nothing is lost on the way, and nothing is counted twice:
 - SIGTERM: ``close`` sends the rest and asks the child to flush within ``flush-timeout`` (commit, deliver, keep the
   rest in the outbox), then waits for it to exit.
 - SIGKILL of the request process: the child reads to the end of the socket, commits what it received and exits
-  at once, so the outbox slot is free for the next start, which delivers the rows. The parent writes its records
-  to the child once per loop turn, so the window a SIGKILL can lose is still the commit interval.
+  at once, so the outbox slot is free for the next start, which delivers the rows. A SIGKILL of both (a pod
+  killed) loses what the child had not committed and the parent had not yet written: the commit interval, plus
+  ``_FLUSH_DELAY``.
 - The child ignores SIGINT and SIGTERM (a terminal's Ctrl-C reaches the whole process group): its parent alone
   decides when it stops.
 
@@ -38,8 +41,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import itertools
 import logging
 import math
+import operator
 import pickle
 import signal
 import socket
@@ -52,6 +58,7 @@ from typing import Any, NoReturn
 
 from gate.accounting.prices import PriceTable
 from gate.accounting.usage import UsageRecord
+from gate.events.envelope import new_event_ids
 from gate.events.outbox import OutboxError
 from gate.events.publisher import UsageEvents
 from gate.ops.backoff import Backoff
@@ -63,9 +70,17 @@ log = logging.getLogger("gate.events")
 
 _HEADER = struct.Struct("!I")
 _MAX_FRAME = 256 * 1024 * 1024  # a batch of records is far smaller; anything larger is a broken link
+# Records go to the child this long after the first of them: one write (and one wake-up of the child) for every
+# record of that time, not one per request. It adds to what a SIGKILL of the whole pod can lose.
+_FLUSH_DELAY = 0.005
 _STATUS_EVERY = 0.05  # the child reports its numbers (and what it committed) at most this often
 _START_TIMEOUT = 60.0  # the child opens the outbox (and adopts orphans) before it says ready
 _LOG_EVERY = 10.0
+
+
+# A record crosses as the tuple of its fields (in C, and pickled as plain values): a slotted dataclass pickles
+# through Python-level __getstate__/__setstate__, about ten times slower.
+_values = operator.attrgetter(*(field.name for field in dataclasses.fields(UsageRecord)))
 
 
 def _frame(message: object) -> bytes:
@@ -219,7 +234,7 @@ class DeliveryProcess:
                 self._unacked.append((record, time.time()))
                 if not self._flush_scheduled and self._loop is not None:  # before start: the child's first batch
                     self._flush_scheduled = True
-                    self._loop.call_soon(self._flush)
+                    self._loop.call_later(_FLUSH_DELAY, self._flush)
                 return
             self._refuse(f"the outbox holds usage.outbox.max-events={self._max_events} undelivered events")
         elif self._enabled:
@@ -233,7 +248,7 @@ class DeliveryProcess:
             log.error("usage event refused and lost: %s (%d refused so far)", reason, self._refused)
 
     def _flush(self) -> None:
-        """Send the child what it has not had yet: one write per loop turn, however many requests ended in it."""
+        """Send the child what it has not had yet: one write for every record of the last few milliseconds."""
         self._flush_scheduled = False
         transport = self._transport
         if transport is None or transport.is_closing() or self._ready is None or not self._ready.done():
@@ -241,7 +256,13 @@ class DeliveryProcess:
         unacked = self._unacked
         if self._sent >= len(unacked):
             return
-        batch = [unacked[i] for i in range(self._sent, len(unacked))]
+        fresh = list(itertools.islice(unacked, self._sent, None))
+        unnamed = [record for record, _ in fresh if not record.event_id]
+        # The id is made here, once, not by the child's writer: a record handed again to a new child keeps it,
+        # so a record committed twice (its child died before saying so) is one event delivered twice, never two.
+        for record, event_id in zip(unnamed, new_event_ids(len(unnamed)), strict=True):
+            record.event_id = event_id
+        batch = [(_values(record), at) for record, at in fresh]
         self._sent = len(unacked)
         transport.write(_frame(("records", batch)))
 
@@ -468,8 +489,8 @@ async def _child(sock: socket.socket) -> int:
         if message is None:
             break
         if message[0] == "records":
-            for record, at in message[1]:
-                events.accept(record, at)
+            for values, at in message[1]:
+                events.accept(UsageRecord(*values), at)
         elif message[0] == "close":
             close_budget = float(message[1])
             break
