@@ -11,9 +11,10 @@ Why a process, and why it is not the default: delivery costs about 190 us of CPU
 per confirmed message, ``benchmarks/micro/amqp_publish.py``), and on the request loop that time is taken between
 requests. A thread would not help (measured worse than the loop: the GIL hands the core over only every switch
 interval); a process has its own interpreter and, on a core of its own, runs beside the requests. On the core the
-requests use, it does not: two Python processes sharing one core cost about 40 % of Gate's throughput at c=50
-against ``loop`` (``make bench``, ``gate-process``), the same work plus the handover and the cache each switch
-evicts. So ``loop`` is the default, and ``process`` is for hosts that give each Gate process a core to spare.
+requests use, it helps only while the core has idle time (``make bench``, ``gate-process``: median at c=1 1.21 ->
+0.77 ms); saturated (c=50), two Python processes sharing the core cost 36-46 % of Gate's throughput against
+``loop``, the same work plus the handover and the cache each switch evicts. So ``loop`` is the default, and
+``process`` is for hosts that give each Gate process a core to spare or run it far from saturation.
 
 Nothing is lost on the way, and nothing is counted twice:
 
