@@ -61,7 +61,7 @@ from gate.accounting.prices import PriceTable
 from gate.accounting.usage import UsageRecord
 from gate.events.envelope import new_event_ids
 from gate.events.outbox import OutboxError
-from gate.events.publisher import UsageEvents
+from gate.events.publisher import Refusals, UsageEvents
 from gate.ops.backoff import Backoff
 from gate.settings import UsageSettings
 
@@ -76,7 +76,6 @@ _MAX_FRAME = 256 * 1024 * 1024  # a batch of records is far smaller; anything la
 _FLUSH_DELAY = 0.005
 _STATUS_EVERY = 0.05  # the child reports its numbers (and what it committed) at most this often
 _START_TIMEOUT = 60.0  # the child opens the outbox (and adopts orphans) before it says ready
-_LOG_EVERY = 10.0
 
 
 # A record crosses as the tuple of its fields (in C, and pickled as plain values): a slotted dataclass pickles
@@ -162,8 +161,7 @@ class DeliveryProcess:
         self._gone: asyncio.Event = asyncio.Event()
         self._keeper: asyncio.Task[None] | None = None
         self._child_error: str | None = None
-        self._refused = 0
-        self._refusal_logged_at = -math.inf
+        self._refusals = Refusals()
         self.path: str | None = None  # the outbox file the child holds
 
     # --------------------------------------------------------------------------------------------- numbers
@@ -189,7 +187,7 @@ class DeliveryProcess:
 
     @property
     def dropped_total(self) -> int:
-        return self._refused + self._base["dropped"] + int(self._status.get("dropped", 0))
+        return self._refusals.count + self._base["dropped"] + int(self._status.get("dropped", 0))
 
     @property
     def dead_letters(self) -> int:
@@ -237,16 +235,9 @@ class DeliveryProcess:
                     self._flush_scheduled = True
                     self._loop.call_later(_FLUSH_DELAY, self._flush)
                 return
-            self._refuse(f"the outbox holds usage.outbox.max-events={self._max_events} undelivered events")
+            self._refusals.refuse(f"the outbox holds usage.outbox.max-events={self._max_events} undelivered events")
         elif self._enabled:
-            self._refuse("usage events are closed")
-
-    def _refuse(self, reason: str) -> None:
-        self._refused += 1
-        now = time.monotonic()
-        if now - self._refusal_logged_at >= _LOG_EVERY:
-            self._refusal_logged_at = now
-            log.error("usage event refused and lost: %s (%d refused so far)", reason, self._refused)
+            self._refusals.refuse("usage events are closed")
 
     def _flush(self) -> None:
         """Send the child what it has not had yet: one write for every record of the last few milliseconds."""

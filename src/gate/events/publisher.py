@@ -32,7 +32,7 @@ from gate.events.sink import SendResult, Sink, SinkUnavailable
 from gate.ops.backoff import Backoff
 from gate.settings import UsageSettings
 
-__all__ = ["UsageEvents", "make_sink"]
+__all__ = ["Refusals", "UsageEvents", "make_sink"]
 
 log = logging.getLogger("gate.events")
 
@@ -64,6 +64,22 @@ def make_sink(settings: UsageSettings) -> Sink:
 
         return LogSink()
     raise ValueError(f"usage.publisher {settings.publisher!r} has no sink")
+
+
+class Refusals:
+    """Records refused at publish (outbox full, or closed): counted, and logged at most every ``_LOG_EVERY``.
+    Shared by ``UsageEvents`` and ``delivery.DeliveryProcess``, whichever admits records."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._logged_at = -math.inf
+
+    def refuse(self, reason: str) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self._logged_at >= _LOG_EVERY:
+            self._logged_at = now
+            log.error("usage event refused and lost: %s (%d refused so far)", reason, self.count)
 
 
 class UsageEvents:
@@ -101,8 +117,7 @@ class UsageEvents:
         self._writer_error: str | None = None
         self._last_error: str | None = None
         self._error_logged: tuple[str | None, float] = (None, -math.inf)
-        self._refused = 0
-        self._refusal_logged_at = -math.inf
+        self._refusals = Refusals()
         self._unencodable = 0
         # seq -> (why the sink refused it, published_total before that send): held out of the batches
         self._suspects: dict[int, tuple[str, int]] = {}
@@ -133,7 +148,7 @@ class UsageEvents:
 
     @property
     def dropped_total(self) -> int:
-        return self._refused + self._unencodable
+        return self._refusals.count + self._unencodable
 
     @property
     def dead_letters(self) -> int:
@@ -195,9 +210,9 @@ class UsageEvents:
             if depth < self._max_events:
                 self._buffer.append((record, time.time()))
                 return
-            self._refuse(f"the outbox holds usage.outbox.max-events={self._max_events} undelivered events")
+            self._refusals.refuse(f"the outbox holds usage.outbox.max-events={self._max_events} undelivered events")
         elif self._enabled:
-            self._refuse("usage events are closed")
+            self._refusals.refuse("usage events are closed")
 
     def accept(self, record: UsageRecord, at: float) -> None:
         """Take a record published at ``at`` that a caller already admitted against ``max-events``: the delivery
@@ -206,14 +221,7 @@ class UsageEvents:
         if self._accepting:
             self._buffer.append((record, at))
         elif self._enabled:
-            self._refuse("usage events are closed")
-
-    def _refuse(self, reason: str) -> None:
-        self._refused += 1
-        now = time.monotonic()
-        if now - self._refusal_logged_at >= _LOG_EVERY:
-            self._refusal_logged_at = now
-            log.error("usage event refused and lost: %s (%d refused so far)", reason, self._refused)
+            self._refusals.refuse("usage events are closed")
 
     # ---------------------------------------------------------------------------------------------- lifecycle
 
