@@ -7,7 +7,7 @@ writer thread that builds CloudEvents and commits them to the outbox, and the de
 broker and waits for its confirms. The request process keeps only what a request must: an append per record and,
 every ``_FLUSH_DELAY`` (5 ms) while records come, one write of them to the child.
 
-Why a process, and why it is not the default: delivery costs about 190 us of CPU per event (aiormq alone 105-130 us
+Why a process, and why it is not the default: delivery costs about 180 us of CPU per event (aiormq alone 120-140 us
 per confirmed message, ``benchmarks/micro/amqp_publish.py``), and on the request loop that time is taken between
 requests. A thread would not help (measured worse than the loop: the GIL hands the core over only every switch
 interval); a process has its own interpreter and, on a core of its own, runs beside the requests. On the core the
