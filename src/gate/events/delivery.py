@@ -162,7 +162,6 @@ class DeliveryProcess:
         self._keeper: asyncio.Task[None] | None = None
         self._child_error: str | None = None
         self._refusals = Refusals()
-        self.path: str | None = None  # the outbox file the child holds
 
     # --------------------------------------------------------------------------------------------- numbers
 
@@ -308,10 +307,10 @@ class DeliveryProcess:
         if kind == "status":
             self._take_status(message[1])
         elif kind == "ready":
-            self.path = message[1]
-            if self._child_error is not None:
-                log.info("the usage delivery process runs again (pid %d)", self._child.pid if self._child else -1)
-                self._child_error = None
+            pid = self._child.pid if self._child is not None else -1
+            again = " again" if self._child_error is not None else ""
+            log.info("usage events are delivered%s by process %d, from the outbox %s", again, pid, message[1])
+            self._child_error = None
             if self._ready is not None and not self._ready.done():
                 self._ready.set_result(None)
         elif kind == "failed":
