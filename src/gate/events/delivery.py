@@ -45,7 +45,6 @@ import contextlib
 import dataclasses
 import itertools
 import logging
-import math
 import operator
 import pickle
 import signal
@@ -61,7 +60,7 @@ from gate.accounting.prices import PriceTable
 from gate.accounting.usage import UsageRecord
 from gate.events.envelope import new_event_ids
 from gate.events.outbox import OutboxError
-from gate.events.publisher import Refusals, UsageEvents
+from gate.events.publisher import Refusals, UsageEvents, usage_health
 from gate.ops.backoff import Backoff
 from gate.settings import UsageSettings
 
@@ -142,7 +141,6 @@ class DeliveryProcess:
         self._logging = logging  # the child logs as the parent does: format and level
         self._enabled = settings.publisher != "none"
         self._max_events = settings.outbox.max_events
-        self._alarm_depth = math.ceil(settings.outbox.max_events * settings.outbox.alarm_ratio)
         self._accepting = self._enabled
         self._started = False
         self._closed = False
@@ -155,7 +153,7 @@ class DeliveryProcess:
         self._transport: asyncio.Transport | None = None
         self._written = 0  # the current child's ``written`` so far
         self._status: dict[str, Any] = {}
-        self._base: dict[str, int] = {"published": 0, "failures": 0, "dropped": 0, "commits": 0}  # earlier children
+        self._base: dict[str, int] = {}  # counts of the children before this one
         self._ready: asyncio.Future[None] | None = None
         self._closed_reply: asyncio.Future[dict[str, Any]] | None = None
         self._gone: asyncio.Event = asyncio.Event()
@@ -178,15 +176,19 @@ class DeliveryProcess:
 
     @property
     def published_total(self) -> int:
-        return self._base["published"] + int(self._status.get("published", 0))
+        return self._total("published")
 
     @property
     def publish_failures_total(self) -> int:
-        return self._base["failures"] + int(self._status.get("failures", 0))
+        return self._total("failures")
 
     @property
     def dropped_total(self) -> int:
-        return self._refusals.count + self._base["dropped"] + int(self._status.get("dropped", 0))
+        return self._refusals.count + self._total("dropped")
+
+    def _total(self, key: str) -> int:
+        """A count kept by the children: the ones before this one (``_base``) and this one's."""
+        return self._base.get(key, 0) + int(self._status.get(key, 0))
 
     @property
     def dead_letters(self) -> int:
@@ -194,7 +196,7 @@ class DeliveryProcess:
 
     @property
     def outbox_commits_total(self) -> int:
-        return self._base["commits"] + int(self._status.get("commits", 0))
+        return self._total("commits")
 
     @property
     def last_delivery_lag_seconds(self) -> float | None:
@@ -202,26 +204,16 @@ class DeliveryProcess:
         return None if lag is None else float(lag)
 
     def health(self) -> dict[str, object]:
-        depth = self.depth
-        alarm = self._enabled and depth >= self._alarm_depth
-        age = self.oldest_age_seconds
         status = self._status
-        down = alarm or self._child_error is not None or status.get("writer_error") is not None
-        return {
-            "status": "DOWN" if down else "UP",
-            "details": {
-                "publisher": self._settings.publisher,
-                "connected": bool(status.get("connected")) and self._child_error is None,
-                "outboxDepth": depth,
-                "oldestUndeliveredAgeSeconds": None if age is None else round(age, 3),
-                "alarm": alarm,
-                "dropped": self.dropped_total,
-                "deadLetters": self.dead_letters,
-                "lastDeadLetter": status.get("last_dead_letter"),
-                "lastError": self._child_error or status.get("writer_error") or status.get("last_error"),
-                "deliveryProcess": None if self._child is None else self._child.pid,
-            },
-        }
+        return usage_health(
+            self._settings,
+            self,
+            connected=bool(status.get("connected")) and self._child_error is None,
+            last_dead_letter=status.get("last_dead_letter"),
+            error=self._child_error or status.get("writer_error") or status.get("last_error"),
+            failing=self._child_error is not None or status.get("writer_error") is not None,
+            deliveryProcess=None if self._child is None else self._child.pid,
+        )
 
     # --------------------------------------------------------------------------------------- the relay's side
 
@@ -265,7 +257,6 @@ class DeliveryProcess:
             return
         self._started = True
         self._loop = asyncio.get_running_loop()
-        self._gone = asyncio.Event()
         try:
             await self._spawn()
         except OutboxError:
@@ -346,10 +337,10 @@ class DeliveryProcess:
             if self._closed:
                 return
             status = self._status
-            for key, field in (("published", "published"), ("failures", "failures"), ("dropped", "dropped")):
-                self._base[key] += int(status.get(field, 0))
-            self._base["commits"] += int(status.get("commits", 0))
-            self._status = {"outbox_depth": status.get("outbox_depth", 0), "dead_letters": status.get("dead_letters")}
+            for key in ("published", "failures", "dropped", "commits"):
+                self._base[key] = self._total(key)
+            # The outbox (and its dead letters) stays on disk for the next child, which reports it afresh.
+            self._status = {key: status.get(key, 0) for key in ("outbox_depth", "dead_letters")}
             self._child_error = f"the usage delivery process exited with code {code}; restarting it"
             log.error("%s (%d usage events not yet committed are kept for it)", self._child_error, len(self._unacked))
             while not self._closed:
@@ -387,9 +378,7 @@ class DeliveryProcess:
             if self._unacked:
                 log.error("%d usage events lost: closed before start", len(self._unacked))
             return
-        loop = asyncio.get_running_loop()
-        assert self._loop is not None
-        self._closed_reply = loop.create_future()
+        self._closed_reply = asyncio.get_running_loop().create_future()
         self._flush()
         transport = self._transport
         reply: dict[str, Any] | None = None

@@ -22,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from gate.accounting.prices import PriceTable
 from gate.accounting.usage import UsageRecord
@@ -32,7 +32,10 @@ from gate.events.sink import SendResult, Sink, SinkUnavailable
 from gate.ops.backoff import Backoff
 from gate.settings import UsageSettings
 
-__all__ = ["Refusals", "UsageEvents", "make_sink"]
+if TYPE_CHECKING:
+    from gate.events.delivery import DeliveryProcess
+
+__all__ = ["Refusals", "UsageEvents", "make_sink", "usage_health"]
 
 log = logging.getLogger("gate.events")
 
@@ -66,6 +69,40 @@ def make_sink(settings: UsageSettings) -> Sink:
     raise ValueError(f"usage.publisher {settings.publisher!r} has no sink")
 
 
+def usage_health(
+    settings: UsageSettings,
+    events: UsageEvents | DeliveryProcess,
+    *,
+    connected: bool,
+    last_dead_letter: str | None,
+    error: str | None,
+    failing: bool,
+    **more: object,
+) -> dict[str, object]:
+    """The ``pubsub`` health component of either face: DOWN when the outbox nears ``max-events`` (the alarm) or
+    when events cannot be committed (``failing``); ``more`` adds details of its own."""
+    depth = events.depth
+    alarm = settings.publisher != "none" and depth >= math.ceil(
+        settings.outbox.max_events * settings.outbox.alarm_ratio
+    )
+    age = events.oldest_age_seconds
+    return {
+        "status": "DOWN" if alarm or failing else "UP",
+        "details": {
+            "publisher": settings.publisher,
+            "connected": connected,
+            "outboxDepth": depth,
+            "oldestUndeliveredAgeSeconds": None if age is None else round(age, 3),
+            "alarm": alarm,
+            "dropped": events.dropped_total,
+            "deadLetters": events.dead_letters,
+            "lastDeadLetter": last_dead_letter,
+            "lastError": error,
+            **more,
+        },
+    }
+
+
 class Refusals:
     """Records refused at publish (outbox full, or closed): counted, and logged at most every ``_LOG_EVERY``.
     Shared by ``UsageEvents`` and ``delivery.DeliveryProcess``, whichever admits records."""
@@ -96,7 +133,6 @@ class UsageEvents:
         self._prices = prices  # events are priced as they are built, in the writer thread: off the request path
         self._enabled = settings.publisher != "none"
         self._max_events = settings.outbox.max_events
-        self._alarm_depth = math.ceil(settings.outbox.max_events * settings.outbox.alarm_ratio)
         self._sink: Sink | None = sink
         self._accepting = self._enabled
         self._started = False
@@ -161,24 +197,15 @@ class UsageEvents:
         return 0 if self._outbox is None else self._outbox.commits
 
     def health(self) -> dict[str, object]:
-        depth = self.depth
-        alarm = self._enabled and depth >= self._alarm_depth
-        age = self.oldest_age_seconds
         sink = self._sink
-        return {
-            "status": "DOWN" if alarm or self._writer_error is not None else "UP",
-            "details": {
-                "publisher": self._settings.publisher,
-                "connected": bool(sink is not None and sink.connected),
-                "outboxDepth": depth,
-                "oldestUndeliveredAgeSeconds": None if age is None else round(age, 3),
-                "alarm": alarm,
-                "dropped": self.dropped_total,
-                "deadLetters": self.dead_letters,
-                "lastDeadLetter": self._last_dead_letter,
-                "lastError": self._writer_error or self._last_error,
-            },
-        }
+        return usage_health(
+            self._settings,
+            self,
+            connected=bool(sink is not None and sink.connected),
+            last_dead_letter=self._last_dead_letter,
+            error=self._writer_error or self._last_error,
+            failing=self._writer_error is not None,
+        )
 
     def report(self) -> dict[str, object]:
         """Every number and error at once, as the delivery process sends them to the request process."""
