@@ -99,6 +99,7 @@ class Setup:
     skip_install: bool
     gate_workers: int = 1
     before_src: str | None = None  # gate-before: the ``src`` of an earlier commit (``--before``)
+    before_publisher: str = "none"  # gate-before's usage.publisher (``--before-publisher``)
 
 
 # ---------------------------------------------------------------------------------------------- builders
@@ -396,10 +397,11 @@ def build(name: str, setup: Setup) -> Contender:
         c.kinds = ("json_c1", "stream_c1", "json_c50", "stream_c50")  # the cost of publishing, alone and at load
         return c
     if name == "gate-before":
-        # An A/B in the same rounds: gate-nopub on an earlier commit's code (``run.py --before SRC``).
+        # An A/B in the same rounds: Gate on an earlier commit's code (``run.py --before SRC``), publishing as
+        # ``--before-publisher`` says (none: as gate-nopub; rabbitmq: as gate).
         if not setup.before_src:
             raise ValueError("gate-before needs --before SRC (the src folder of an earlier commit)")
-        c = gate(setup, "gate-before", publisher="none")
+        c = gate(setup, "gate-before", publisher=setup.before_publisher)
         assert c.env is not None
         c.env["PYTHONPATH"] = setup.before_src
         return c

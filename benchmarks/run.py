@@ -70,7 +70,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--before",
         metavar="SRC",
-        help="add gate-before: gate-nopub run on SRC, an earlier commit's src (git archive), for an interleaved A/B",
+        help="add gate-before: Gate run on SRC, an earlier commit's src (git archive), for an interleaved A/B",
+    )
+    p.add_argument(
+        "--before-publisher",
+        choices=("none", "rabbitmq"),
+        default="none",
+        help="gate-before's usage.publisher (none: compare the request path alone, as gate-nopub; rabbitmq: as gate)",
     )
     p.add_argument(
         "--previous",
@@ -188,6 +194,7 @@ class Bench:
             quick=self.args.quick,
             skip_install=self.args.skip_install,
             before_src=getattr(self.args, "before", None),
+            before_publisher=getattr(self.args, "before_publisher", "none"),
         )
 
     def launch(self, c: Contender, fake_url: str, stream_check: bool = True) -> bool:
@@ -287,6 +294,9 @@ class Bench:
             result = {"error": str(exc)}
         if probe is not None:
             result["ttfb"] = self.probe_result(probe, timeout=duration + 60)
+        owed = outbox_depth(c.url) if c.name.startswith("gate") else None
+        if owed is not None:
+            result["events_owed"] = owed
         if c.proc is not None:
             c.proc.trim_log()
         return result
@@ -578,6 +588,23 @@ def _slope(points: list[tuple[float, float]]) -> float:
     return sum((t - mx) * (r - my) for t, r in points) / var if var else 0.0
 
 
+def outbox_depth(url: str) -> int | None:
+    """Usage events Gate still owes the broker (health's ``outboxDepth``) when a measurement ends: how far
+    delivery fell behind the requests just measured. None without a publisher or without an answer."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/actuator/health", timeout=5) as answer:
+            health = json.load(answer)
+    except urllib.error.HTTPError as exc:  # DOWN is a 503 with the same body
+        health = json.load(exc)
+    except (OSError, ValueError):
+        return None
+    depth = health.get("components", {}).get("pubsub", {}).get("details", {}).get("outboxDepth")
+    return depth if isinstance(depth, int) else None
+
+
 def _brief(result: dict[str, Any]) -> str:
     if "error" in result:
         return f"error: {result['error']}"
@@ -589,6 +616,8 @@ def _brief(result: dict[str, Any]) -> str:
     if t.get("ttfb_ms"):
         ms = t["ttfb_ms"]
         text += f"  TTFB p50 {ms['p50']:.3f} p99 {ms['p99']:.3f} p99.9 {ms['p99.9']:.3f} (n={t['count']})"
+    if "events_owed" in result:
+        text += f"  events owed at the end {result['events_owed']:,}"
     return text
 
 
