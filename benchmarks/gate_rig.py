@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -72,6 +73,10 @@ class JwksServer:
 
 BENCH_EXCHANGE = "llm-gateway-usage"
 BENCH_QUEUE = "gate-bench-usage"
+# The broker Gate publishes to. The shared one floats over every core, Gate's included; ``BENCH_AMQP_URL`` points
+# Gate at another (``run.py --own-broker`` starts a node of its own on the rig's core, as a deployment's broker
+# is on other hosts).
+BROKER_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 
 def bind_usage_queue() -> None:
@@ -85,7 +90,7 @@ def bind_usage_queue() -> None:
     import aio_pika
 
     async def declare() -> None:
-        connection = await aio_pika.connect("amqp://guest:guest@127.0.0.1:5672/")
+        connection = await aio_pika.connect(BROKER_URL)
         async with connection:
             channel = await connection.channel()
             exchange = await channel.declare_exchange(BENCH_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
@@ -125,7 +130,7 @@ class GateRig:
             "anthropic": {"api": {"base-url": upstream, "keys": BENCH_KEYS}},
             "usage": {
                 "publisher": publisher,
-                "rabbitmq": {"url": "amqp://guest:guest@127.0.0.1:5672/"},
+                "rabbitmq": {"url": BROKER_URL},
                 "file": {"path": str(outbox.with_suffix(".jsonl"))},
                 "outbox": {"path": str(outbox)},
             },

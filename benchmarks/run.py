@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import contenders as lineup
+import gate_rig
 import report
+from broker import OwnBroker
 from contenders import Contender, Setup, check_reaches_fake, check_refuses, fake_stats
 from gate_rig import GateRig
 from load import run_wrk, write_script, wrk_available
@@ -71,6 +73,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--before",
         metavar="SRC",
         help="add gate-before: Gate run on SRC, an earlier commit's src (git archive), for an interleaved A/B",
+    )
+    p.add_argument(
+        "--broker",
+        choices=("own", "shared"),
+        default="own",
+        help="where Gate publishes: own (a RabbitMQ node of the bench's, pinned to the rig's core; the default) or "
+        "shared (the machine's broker on 5672, which floats over Gate's core too)",
     )
     p.add_argument(
         "--before-publisher",
@@ -163,8 +172,27 @@ class Bench:
         self.commands: list[str] = []
         self.configs: dict[str, str] = {}
         self.notes: list[str] = []
+        self.broker: OwnBroker | None = None
 
     # ------------------------------------------------------------------ processes
+
+    def start_broker(self) -> None:
+        """Gate's broker for this run: a node of the bench's own on the rig's core, else the shared one."""
+        if self.args.broker == "own":
+            broker = OwnBroker(self.work / "logs" / "rabbitmq.log", self.rig_cpus)
+            try:
+                gate_rig.BROKER_URL = broker.start()
+            except RuntimeError as exc:
+                self.notes.append(f"Gate published to the shared RabbitMQ on 5672: {exc}")
+                print(f"  {exc}; using the shared broker", flush=True)
+                return
+            self.broker = broker
+            self.notes.append(
+                f"Gate published to a RabbitMQ node of the bench's own, pinned to CPU {self.rig_cpus} with wrk and "
+                "the fake upstream (benchmarks/broker.py), not to the shared broker, which floats over Gate's core"
+            )
+        else:
+            self.notes.append(f"Gate published to {gate_rig.BROKER_URL.split('@')[-1]} (--broker shared)")
 
     def start_fake(self, name: str, pace_ms: float = 0.0, json_delay_ms: float = 0.0) -> str:
         port = free_port()
@@ -256,6 +284,8 @@ class Bench:
             fake.stop()
         self.sampler.close()
         self.rig.close()
+        if self.broker is not None:
+            self.broker.stop()
 
     # ------------------------------------------------------------------ measuring
 
@@ -655,6 +685,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"phases {','.join(args.phases)}; about {estimate / 60:.1f} min", flush=True)
     try:
         with _pinned_to(bench.rig_cpus):
+            bench.start_broker()
             fake_url = bench.start_fake("fake")
             if "main" in args.phases:
                 main_result = bench.main_phase(fake_url)
