@@ -10,9 +10,12 @@ ports, and is stopped at the end of the run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import tempfile
+import time
 from pathlib import Path
 
 from procs import Proc, free_port, wait_port
@@ -25,6 +28,7 @@ class OwnBroker:
         self.log, self.cpus = log, cpus
         self.proc: Proc | None = None
         self.home: Path | None = None
+        self.node: str | None = None
 
     def start(self, timeout: float = 90.0) -> str:
         server = shutil.which("rabbitmq-server")
@@ -39,9 +43,10 @@ class OwnBroker:
         (self.home / "rabbitmq.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{port}\nloopback_users = none\n")
         for path in (self.home, *self.home.iterdir()):
             path.chmod(0o777)
+        self.node = f"gatebench{port}@localhost"
         env = dict(
             os.environ,
-            RABBITMQ_NODENAME=f"gatebench{port}@localhost",
+            RABBITMQ_NODENAME=self.node,
             RABBITMQ_NODE_PORT=str(port),
             RABBITMQ_DIST_PORT=str(dist),
             RABBITMQ_CONFIG_FILE=str(self.home / "rabbitmq.conf"),
@@ -61,6 +66,36 @@ class OwnBroker:
         if self.proc is not None:
             self.proc.stop(timeout=30)
             self.proc = None
+        # rabbitmq-server switches to the rabbitmq user in a session of its own, out of the group Proc stops:
+        # find the node's processes by the node name in their environment (ours alone) and end them.
+        if self.node is not None:
+            for sig, wait in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 5.0)):
+                pids = _node_pids(self.node)
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, sig)
+                deadline = time.monotonic() + wait
+                while pids and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    pids = _node_pids(self.node)
+                if not pids:
+                    break
+            self.node = None
         if self.home is not None:
             shutil.rmtree(self.home, ignore_errors=True)
             self.home = None
+
+
+def _node_pids(node: str) -> list[int]:
+    """Processes whose environment names ``node`` (RABBITMQ_NODENAME): the node's VM and its helpers."""
+    marker = f"RABBITMQ_NODENAME={node}\0".encode()
+    pids = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                environ = Path(entry.path, "environ").read_bytes()
+            except OSError:
+                continue
+            if marker in environ + b"\0":
+                pids.append(int(entry.name))
+    return pids
