@@ -7,14 +7,13 @@ writer thread that builds CloudEvents and commits them to the outbox, and the de
 broker and waits for its confirms. The request process keeps only what a request must: an append per record and,
 every ``_FLUSH_DELAY`` (5 ms) while records come, one write of them to the child.
 
-Why a process, and why it is not the default: delivery costs about 180 us of CPU per event (aiormq alone 120-140 us
-per confirmed message, ``benchmarks/micro/amqp_publish.py``), and on the request loop that time is taken between
-requests. A thread would not help (measured worse than the loop: the GIL hands the core over only every switch
-interval); a process has its own interpreter and, on a core of its own, runs beside the requests. On the core the
-requests use, it helps only while the core has idle time (``make bench``, ``gate-process``: median at c=1 1.21 ->
-0.77 ms); saturated (c=50), two Python processes sharing the core cost 36-46 % of Gate's throughput against
-``loop``, the same work plus the handover and the cache each switch evicts. So ``loop`` is the default, and
-``process`` is for hosts that give each Gate process a core to spare or run it far from saturation.
+Why a process, and why it is not the default: delivery costs CPU per event (``benchmarks/micro/delivery_cost.py``:
+about 60 us with Gate's own AMQP client, ``events/amqp.py``, and 130-180 us with aiormq before it), and on the
+request loop that time is taken between requests. A thread would not help (measured worse than the loop: the GIL
+hands the core over only every switch interval); a process has its own interpreter and, on a core of its own,
+runs beside the requests. On the core the requests use, two Python processes cost more than one doing the same
+work (the handover, and the cache each switch evicts): ``make bench``'s ``gate-process`` puts numbers on it. So
+``loop`` is the default, and ``process`` is for hosts that give each Gate process a core to spare.
 
 Nothing is lost on the way, and nothing is counted twice:
 
