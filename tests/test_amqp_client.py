@@ -342,3 +342,29 @@ async def test_the_real_broker_confirms_a_batch_and_returns_the_unroutable() -> 
         async with asyncio.timeout(10):
             await client.close()
     assert client.is_closed
+
+
+async def test_the_real_broker_keeps_an_idle_connection_whose_heartbeats_are_kept() -> None:
+    # RabbitMQ closes a connection that misses two heartbeats: at heartbeat=1, 3.5 s idle is enough to be dropped.
+    client = await open_within(RABBITMQ_URL.rstrip("/") + "/?heartbeat=1", 10)
+    try:
+        await client.declare_exchange("gate-test-amqp-client", "topic", durable=False)
+        await asyncio.sleep(3.5)
+        assert not client.is_closed
+        assert await client.publish("gate-test-amqp-client", "x", messages(1), mandatory=False, within=10) == [ACK]
+    finally:
+        async with asyncio.timeout(10):
+            await client.close()
+
+
+async def test_the_real_broker_takes_a_body_split_over_several_frames() -> None:
+    client = await open_within(RABBITMQ_URL, 10)
+    try:
+        await client.declare_exchange("gate-test-amqp-client", "topic", durable=False)
+        body = bytes(range(256)) * 1200  # 307,200 bytes: three body frames at RabbitMQ's frame_max of 131,072
+        big = [(body, spec.Basic.Properties(message_id="big", delivery_mode=2))]
+        assert await client.publish("gate-test-amqp-client", "x", big, mandatory=False, within=10) == [ACK]
+        assert not client.is_closed
+    finally:
+        async with asyncio.timeout(10):
+            await client.close()
