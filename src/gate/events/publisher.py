@@ -422,8 +422,9 @@ class UsageEvents:
                     confirmed_before = self.published_total
                     result = await sink.send(batch)
                     if result.delivered:
-                        await self._in_db(outbox.remove, result.delivered)
+                        # Counted before the rows go: whoever sees the outbox empty sees them counted.
                         self._count_delivered(batch, result)
+                        await self._in_db(outbox.remove, result.delivered)
                     outage = result.error
                     refusal = self._suspect(result.refused, confirmed_before)
                     failed = len(batch) - len(result.delivered)
@@ -476,8 +477,8 @@ class UsageEvents:
         for event in events:
             result = await sink.send([event])
             if result.delivered:
-                await self._in_db(outbox.remove, result.delivered)
                 self._count_delivered([event], result)
+                await self._in_db(outbox.remove, result.delivered)
                 del self._suspects[event.seq]
             elif event.seq in result.refused:
                 reason = result.refused[event.seq]
