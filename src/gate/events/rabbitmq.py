@@ -165,8 +165,7 @@ class RabbitMQSink:
         if client is not None:
             with contextlib.suppress(*_ERRORS):  # the broker is gone already; the socket closes either way
                 async with asyncio.timeout(self._timeout):
-                    await client.close()
-            client.abort()
+                    await client.close()  # aborts the connection at the end, in time or not
 
     def _outcome(self, outcome: object) -> str:
         if outcome == RETURNED:
