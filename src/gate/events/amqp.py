@@ -29,7 +29,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar, cast
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from pamqp import commands as spec
 from pamqp import frame as amqp_frame
@@ -109,8 +109,7 @@ class _Target:
 def _target(url: str) -> _Target:
     parts = urlsplit(url)
     tls = parts.scheme == "amqps"
-    query = dict(pair.split("=", 1) for pair in parts.query.split("&") if "=" in pair)
-    heartbeat = int(query["heartbeat"]) if query.get("heartbeat", "").isdigit() else None
+    heartbeat = parse_qs(parts.query).get("heartbeat", [""])[-1]
     path = parts.path
     return _Target(
         user=unquote(parts.username or "guest"),
@@ -119,7 +118,7 @@ def _target(url: str) -> _Target:
         port=parts.port or (5671 if tls else 5672),
         vhost=unquote(path[1:]) if len(path) > 1 else "/",
         tls=tls,
-        heartbeat=heartbeat,
+        heartbeat=int(heartbeat) if heartbeat.isdigit() else None,
     )
 
 
@@ -318,7 +317,14 @@ class AmqpPublisher(asyncio.Protocol):
         """Drop the connection now; every unconfirmed message fails."""
         if self._transport is not None:
             self._transport.abort()
-        self._end(AmqpClosed("the connection was closed"))
+        self._gone(AmqpClosed("the connection was closed"))
+
+    def _gone(self, reason: AmqpClosed) -> None:
+        """The connection has ended (aborted here, or lost): fail what is unconfirmed, stop the heartbeats."""
+        self._end(reason)
+        if self._heartbeat_timer is not None:
+            self._heartbeat_timer.cancel()
+            self._heartbeat_timer = None
         if not self._lost.done():
             self._lost.set_result(None)
 
@@ -343,12 +349,7 @@ class AmqpPublisher(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._end(AmqpClosed(f"the connection was lost ({exc or 'closed by the broker'})"))
-        if self._heartbeat_timer is not None:
-            self._heartbeat_timer.cancel()
-            self._heartbeat_timer = None
-        if not self._lost.done():
-            self._lost.set_result(None)
+        self._gone(AmqpClosed(f"the connection was lost ({exc or 'closed by the broker'})"))
 
     def data_received(self, data: bytes) -> None:
         self._last_read = time.monotonic()
@@ -367,7 +368,7 @@ class AmqpPublisher(asyncio.Protocol):
                     continue
                 if buffer[position : position + 4] == b"AMQP":
                     raise AmqpClosed("the broker does not speak AMQP 0-9-1 (it answered with its protocol header)")
-                _, channel, length = _HEADER.unpack_from(buffer, position)
+                _, _, length = _HEADER.unpack_from(buffer, position)
                 if length > self._frame_max - 8:
                     raise AmqpClosed(f"a {length}-byte frame from the broker, over frame_max {self._frame_max}")
                 end = position + 8 + length
@@ -377,14 +378,14 @@ class AmqpPublisher(asyncio.Protocol):
                     raise AmqpClosed("a malformed frame from the broker (no frame end)")
                 _, _, value = amqp_frame.unmarshal(bytes(buffer[position:end]))
                 position = end
-                self._on_frame(channel, value)
+                self._on_frame(value)
         except (AmqpClosed, PAMQPException, ValueError, struct.error) as exc:
             self._end(exc if isinstance(exc, AmqpClosed) else AmqpClosed(f"a malformed frame from the broker ({exc})"))
             self.abort()
             return
         del buffer[:position]
 
-    def _on_frame(self, channel: int, value: object) -> None:
+    def _on_frame(self, value: object) -> None:
         if isinstance(value, amqp_heartbeat.Heartbeat):
             return
         if isinstance(value, spec.Basic.Ack | spec.Basic.Nack):
