@@ -74,8 +74,8 @@ class JwksServer:
 BENCH_EXCHANGE = "llm-gateway-usage"
 BENCH_QUEUE = "gate-bench-usage"
 # The broker Gate publishes to. The shared one floats over every core, Gate's included; ``BENCH_AMQP_URL`` points
-# Gate at another (``run.py --own-broker`` starts a node of its own on the rig's core, as a deployment's broker
-# is on other hosts).
+# Gate at another, and ``run.py --broker own`` (the default) sets this to a node of its own on the rig's core, as a
+# deployment's broker is on other hosts.
 BROKER_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 

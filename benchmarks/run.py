@@ -620,7 +620,7 @@ def _slope(points: list[tuple[float, float]]) -> float:
 
 def outbox_depth(url: str) -> int | None:
     """Usage events Gate still owes the broker (health's ``outboxDepth``) when a measurement ends: how far
-    delivery fell behind the requests just measured. None without a publisher or without an answer."""
+    delivery fell behind the requests just measured. 0 with `usage.publisher: none`; None without an answer."""
     import urllib.error
     import urllib.request
 
