@@ -22,7 +22,7 @@ from pamqp import header as amqp_header
 from pamqp.body import ContentBody
 from pamqp.heartbeat import Heartbeat
 
-from gate.events.amqp import ACK, NACK, RETURNED, AmqpClosed, AmqpPublisher, Outcome
+from gate.events.amqp import ACK, NACK, RETURNED, AmqpClosed, AmqpPublisher, Outcome, _content_header
 from tests.brokers import RABBITMQ_URL
 
 
@@ -238,6 +238,54 @@ async def test_a_large_body_goes_in_frames_no_larger_than_frame_max() -> None:
     assert max(len(piece.value) for piece in bodies) <= 4096 - 8
     publisher.data_received(method(spec.Basic.Ack(delivery_tag=1)))
     assert await sending == [ACK]
+
+
+_SHORT = st.one_of(st.none(), st.just(""), st.text(max_size=90), st.text(alphabet="é€", min_size=80, max_size=130))
+_OCTET = st.one_of(st.none(), st.integers(0, 255), st.integers(256, 70000), st.integers(-5, -1))
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.integers(0, 2**64 - 1),
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "content_type": _SHORT,
+            "content_encoding": _SHORT,
+            "headers": st.dictionaries(st.text(max_size=8), st.integers(0, 9), max_size=2),
+            "delivery_mode": st.sampled_from([1, 2]),
+            "priority": _OCTET,
+            "correlation_id": _SHORT,
+            "reply_to": _SHORT,
+            "expiration": _SHORT,
+            "message_id": _SHORT,
+            "timestamp": st.datetimes(),
+            "message_type": _SHORT,
+            "user_id": _SHORT,
+            "app_id": _SHORT,
+        },
+    ),
+)
+def test_the_content_header_fast_path_writes_pamqps_bytes_or_fails_as_pamqp_does(
+    body_size: int, fields: dict[str, object]
+) -> None:
+    """``_content_header`` writes string and octet properties itself: byte for byte pamqp's frame, and where pamqp
+    refuses (a string over 255 bytes, an octet out of range) it refuses with pamqp's error, before sending."""
+    try:
+        properties = spec.Basic.Properties(**fields)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return  # pamqp refuses to build these at all
+    try:
+        expected: bytes | type[BaseException] = amqp_frame.marshal(
+            amqp_header.ContentHeader(0, body_size, properties), 1
+        )
+    except Exception as exc:  # whatever pamqp raises, the fast path must raise too
+        expected = type(exc)
+    if isinstance(expected, bytes):
+        assert _content_header(body_size, properties) == expected
+    else:
+        with pytest.raises(expected):
+            _content_header(body_size, properties)
 
 
 # ---------------------------------------------------------------------------------- brokers over real sockets
