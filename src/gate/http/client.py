@@ -291,7 +291,7 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, pool: Pool) -> None:
         self._pool = pool
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_waiter: asyncio.Future[UpstreamResponse] | None = None
@@ -330,6 +330,10 @@ class _Connection(asyncio.Protocol):
         self._pool.forget(self)
         if response is not None:
             response._push()
+        # The parser refers back to this connection, as does its response: dropping both lets reference counting
+        # free a closed connection at once (the response keeps what its reader still needs).
+        self._parser = None
+        self._response = None
 
     def data_received(self, data: bytes) -> None:
         if not self.in_flight:
@@ -337,8 +341,11 @@ class _Connection(asyncio.Protocol):
             self.discard()
             return
         self._received = True
+        parser = self._parser
+        if parser is None:  # the connection is gone
+            return
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._break(ClientError("upstream switched protocols (101), which Gate never asks for"))
         except httptools.HttpParserCallbackError as exc:  # what a callback raised is its __context__
@@ -378,7 +385,9 @@ class _Connection(asyncio.Protocol):
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        status = self._parser.get_status_code()
+        parser = self._parser
+        assert parser is not None  # the parser is calling
+        status = parser.get_status_code()
         if 100 <= status < 200:
             return  # an interim answer (100 Continue, 103 Early Hints): the real one follows; a 101 raises next
         headers = decode_fields(self._headers)
@@ -386,7 +395,7 @@ class _Connection(asyncio.Protocol):
         self._head_done = True
         response = UpstreamResponse(self, status, headers)
         self._response = response
-        if not self._parser.should_keep_alive():
+        if not parser.should_keep_alive():
             self.reusable = False
         waiter = self._head_waiter
         if waiter is not None and not waiter.done():
@@ -398,7 +407,9 @@ class _Connection(asyncio.Protocol):
             self.pause()
 
     def on_message_complete(self) -> None:
-        if self._parser.get_status_code() < 200:
+        parser = self._parser
+        assert parser is not None  # the parser is calling
+        if parser.get_status_code() < 200:
             return
         self.in_flight = False
         response = self._response

@@ -117,7 +117,12 @@ class Deadline:
         self._owner._arm(self)
 
     def stop(self) -> None:
+        """Forget it; a deadline that cancels its task also lets go of the task, for good (a cancelled task keeps
+        its ``CancelledError``, whose traceback holds the frames that hold this deadline: a reference cycle that
+        would keep a whole stream alive until a full collection)."""
         self._owner._disarm(self)
+        if self._on_expiry is None:
+            self._task = None
 
     def expire(self) -> None:
         """Called by the sweep once the deadline is past."""

@@ -498,7 +498,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self, server: HttpServer) -> None:
         self._server = server
         self._loop = server.loop
-        self._parser = httptools.HttpRequestParser(self)
+        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self._limit = server.max_header_size
         self.transport: asyncio.Transport | None = None
         self._url = b""
@@ -542,8 +542,13 @@ class _Connection(asyncio.Protocol):
             self._drain_waiter.set_exception(gone)
         if self._task is not None and not self._task.done():
             self._task.cancel()  # a client that goes away cancels its upstream call at once
+        self._parsing = None
         self._queue.clear()
         self._held = b""
+        # The parser and the deadline's callback refer back to this connection: dropping them lets reference
+        # counting free a closed connection at once, not the cyclic collector (whose pauses the streams feel).
+        self._parser = None
+        self._deadline = None
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -610,8 +615,11 @@ class _Connection(asyncio.Protocol):
 
     def _feed(self, piece: bytes | memoryview) -> bool:
         """One slice through the parser; False when parsing ended (a protocol error, an upgrade)."""
+        parser = self._parser
+        if parser is None:  # the connection is gone
+            return False
         try:
-            self._parser.feed_data(piece)
+            parser.feed_data(piece)
         except httptools.HttpParserUpgrade:
             self.must_close = True  # Gate speaks no upgraded protocols: the request is answered, then we close
             self.on_message_complete()
@@ -695,6 +703,7 @@ class _Connection(asyncio.Protocol):
         if self._failed:
             return
         parser = self._parser
+        assert parser is not None  # the parser is calling
         headers = decode_fields(self._headers)  # undecodable bytes survive as surrogates: auth refuses them by name
         self._headers = []
         target = self._url.decode("utf-8", "surrogateescape")
@@ -778,7 +787,7 @@ class _Connection(asyncio.Protocol):
             handler = server.router.resolve(request)
             response = await handler(request)
         except asyncio.CancelledError:
-            self._task = None
+            self._task = self._current = None  # the request refers to this connection: no cycle left behind
             raise
         except Exception:
             log.exception("unhandled error answering %s %s", request.method, request.path)
