@@ -119,10 +119,21 @@ class GateRig:
         )
 
     def write_config(
-        self, path: Path, *, port: int, upstream: str, publisher: str, outbox: Path, workers: int = 1
+        self,
+        path: Path,
+        *,
+        port: int,
+        upstream: str,
+        publisher: str,
+        outbox: Path,
+        workers: int = 1,
+        broker_url: str | None = None,
     ) -> Path:
-        """A Gate config with everything on (JWT, 2 keys, metering, outbox, tracing and metrics defaults)."""
-        if publisher == "rabbitmq":
+        """A Gate config with everything on (JWT, 2 keys, metering, outbox, tracing and metrics defaults).
+
+        ``broker_url`` (default ``BROKER_URL``, where the bench's queue is bound first) points RabbitMQ elsewhere
+        as it is, queue or not."""
+        if publisher == "rabbitmq" and broker_url is None:
             bind_usage_queue()
         config = {
             "server": {"host": "127.0.0.1", "port": port, "workers": workers},
@@ -130,7 +141,7 @@ class GateRig:
             "anthropic": {"api": {"base-url": upstream, "keys": BENCH_KEYS}},
             "usage": {
                 "publisher": publisher,
-                "rabbitmq": {"url": BROKER_URL},
+                "rabbitmq": {"url": broker_url or BROKER_URL},
                 "file": {"path": str(outbox.with_suffix(".jsonl"))},
                 "outbox": {"path": str(outbox)},
             },
