@@ -24,7 +24,7 @@ from procs import Proc, free_port, wait_port
 class OwnBroker:
     """``start()`` returns the AMQP URL of a fresh node (or raises RuntimeError); ``stop()`` ends it."""
 
-    def __init__(self, log: Path, cpus: str) -> None:
+    def __init__(self, log: Path, cpus: str | None) -> None:
         self.log, self.cpus = log, cpus
         self.proc: Proc | None = None
         self.home: Path | None = None

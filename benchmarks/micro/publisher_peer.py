@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent.parent
@@ -82,7 +83,7 @@ class ConfirmingPeer(asyncio.Protocol):
                 self.published += 1
                 continue
             _, _, method = amqp_frame.unmarshal(raw)
-            answer = {
+            answers: dict[str, Callable[[], object]] = {
                 "Connection.StartOk": lambda: spec.Connection.Tune(channel_max=2047, frame_max=131072, heartbeat=0),
                 "Connection.Open": spec.Connection.OpenOk,
                 "Channel.Open": spec.Channel.OpenOk,
@@ -90,7 +91,8 @@ class ConfirmingPeer(asyncio.Protocol):
                 "Exchange.Declare": spec.Exchange.DeclareOk,
                 "Channel.Close": spec.Channel.CloseOk,
                 "Connection.Close": spec.Connection.CloseOk,
-            }.get(method.name)
+            }
+            answer = answers.get(method.name)
             if answer is not None:
                 self.send(answer(), channel)
         if self.published > confirmed:
