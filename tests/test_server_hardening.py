@@ -24,7 +24,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gate.http.deadlines import Deadlines
+from gate.http.deadlines import Deadline, Deadlines
 from gate.http.server import BodyTooLarge, HttpServer, Request, Response, Router, StreamResponse, _ChunkSizes
 from gate.ops.errors import error_response
 from tests.fake_anthropic import FakeAnthropic, Reply
@@ -322,6 +322,29 @@ async def test_a_deadline_without_a_callback_cancels_its_task_and_says_so() -> N
         return "never"
 
     assert await asyncio.wait_for(waits_forever(), WAIT) == "timed out"
+    deadlines.close()
+
+
+async def test_a_stopped_deadline_lets_go_of_its_task_so_a_cancelled_task_leaves_no_cycle() -> None:
+    """A cancelled task keeps its CancelledError, whose traceback holds the frame that holds the deadline: were
+    the deadline to keep the task, task and frames would wait for the cyclic collector."""
+    deadlines = Deadlines(0.01)
+    watched: list[Deadline] = []
+
+    async def cancelled_after_its_deadline_fired() -> None:
+        deadline = deadlines.watch(0.01)
+        watched.append(deadline)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            deadline.stop()  # no absorb_cancel: the task ends cancelled
+
+    task = asyncio.create_task(cancelled_after_its_deadline_fired())
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, WAIT)
+    [deadline] = watched
+    assert deadline.expired and deadline._task is None
+    assert not deadline.absorb_cancel()  # stopped for good: it no longer speaks for the task
     deadlines.close()
 
 
