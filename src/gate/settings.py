@@ -547,7 +547,7 @@ class UsageSettings(_Section):
     content_mode: Literal["structured", "binary"] | None = None
     # loop: events are built, committed and delivered in the request process (its writer thread and event loop);
     # process: by a child process of each Gate process (events/delivery.py), worth it only when each Gate process
-    # has a core to spare: on a shared core it cost 9-20 % of the throughput at c=50 (benchmarks/ANALYSIS.md).
+    # has a core to spare: on a shared core it cost 6-20 % of the throughput at c=50 (benchmarks/ANALYSIS.md).
     delivery: Literal["loop", "process"] = "loop"
     rabbitmq: RabbitMQSettings = RabbitMQSettings()
     pubsub: PubSubSettings = PubSubSettings()
