@@ -496,5 +496,3 @@ async def _drain_and_close(transport: asyncio.Transport) -> None:
         if transport.get_write_buffer_size() == 0:
             return
         await asyncio.sleep(0.01)
-
-
