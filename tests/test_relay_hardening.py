@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ from gate.accounting.usage import UsageMeter
 from gate.http import server
 from tests.fake_anthropic import FakeAnthropic, Received, Reply, error_reply, fixture
 from tests.harness import BackgroundLoop, RunningGate, read_events, stalled_stream_client
+from tests.test_bad_input import connect
 
 MESSAGE = {"model": "claude-opus-4-6", "max_tokens": 64, "messages": [{"role": "user", "content": "Hello"}]}
 STREAM = {**MESSAGE, "stream": True}
@@ -447,7 +447,7 @@ def test_a_stream_that_arrives_whole_reaches_the_client_in_one_write(
 
 def _raw(gate: RunningGate, data: bytes, *, read_some: bool = False) -> None:
     """A client that sends ``data`` and goes away (after the first bytes of the answer when ``read_some``)."""
-    with socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT) as sock:
+    with connect(gate) as sock:
         sock.sendall(data)
         if read_some:
             sock.recv(1)

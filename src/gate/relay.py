@@ -720,8 +720,9 @@ class Relay:
             raise
         finally:
             watchdog.stop()
-            sink.source = None  # the sink and its source refer to each other: left so, the cycle would keep
-            # the whole stream (exchange, meter, response, task) alive until a full collection
+            # The sink and its source refer to each other: left so, the cycle would keep the whole stream
+            # (exchange, meter, response, task) alive until a full collection.
+            sink.source = None
         return response
 
     # ------------------------------------------------------------------------------------------- records
