@@ -8,8 +8,8 @@ same Gate publishes, in turn, to:
 - ``none``: no usage events (the floor);
 - ``file``: the JSON Lines sink (outbox, writer thread and delivery task as with RabbitMQ; no broker at all);
 - ``rabbitmq``: a RabbitMQ node of this run's own (``broker.py``), pinned to the rig's core as in ``make bench``;
-- ``confirming-peer``: an AMQP 0-9-1 endpoint in this file that confirms every publish as it reads it, pinned to
-  the rig's core: Gate's whole RabbitMQ path (its AMQP client, confirms, outbox), with almost no broker CPU.
+- ``confirming-peer``: ``amqp_peer.py``, an AMQP 0-9-1 endpoint that confirms every publish as it reads it,
+  pinned to the rig's core: Gate's whole RabbitMQ path (its AMQP client, confirms, outbox), with almost no broker CPU.
 
 Gate on CPU 0, wrk, the fake and the peers on CPU 1, as ``make bench`` pins them; rounds interleave the four.
 Printed per publisher: median over rounds of wrk's p50, p90, p99, p99.9 and Gate's CPU per request (user +
@@ -19,15 +19,12 @@ system, every thread). Run: ``.venv/bin/python benchmarks/micro/publisher_peer.p
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent.parent
@@ -41,72 +38,6 @@ from procs import free_port, wait_port
 
 PUBLISHERS = ("none", "file", "rabbitmq", "confirming-peer")
 PYTHON = str(ROOT / ".venv" / "bin" / "python")
-
-
-# ------------------------------------------------------------------------------------------ the confirming peer
-
-
-class ConfirmingPeer(asyncio.Protocol):
-    """Just enough AMQP 0-9-1 for Gate's publisher: the handshake, a confirming channel, an exchange declared,
-    then every ``Basic.Publish`` read is confirmed at once (one ``multiple`` ack per read)."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self.buffer = b""
-        self.published = 0
-        self.opened = False
-
-    def send(self, method: object, channel: int = 0) -> None:
-        from pamqp import frame as amqp_frame
-
-        self.transport.write(amqp_frame.marshal(method, channel))  # type: ignore[arg-type]
-
-    def data_received(self, data: bytes) -> None:
-        from pamqp import commands as spec
-        from pamqp import frame as amqp_frame
-
-        self.buffer += data
-        if not self.opened and self.buffer.startswith(b"AMQP"):
-            self.buffer = self.buffer[8:]
-            self.opened = True
-            self.send(spec.Connection.Start(server_properties={"product": "peer"}, mechanisms="PLAIN"))
-        confirmed = self.published
-        while len(self.buffer) >= 7:
-            kind, channel, size = struct.unpack(">BHI", self.buffer[:7])
-            if len(self.buffer) < size + 8:
-                break
-            raw, self.buffer = self.buffer[: size + 8], self.buffer[size + 8 :]
-            if kind != 1:
-                continue  # content headers and bodies
-            if raw[7:11] == b"\x00\x3c\x00\x28":  # Basic.Publish
-                self.published += 1
-                continue
-            _, _, method = amqp_frame.unmarshal(raw)
-            answers: dict[str, Callable[[], object]] = {
-                "Connection.StartOk": lambda: spec.Connection.Tune(channel_max=2047, frame_max=131072, heartbeat=0),
-                "Connection.Open": spec.Connection.OpenOk,
-                "Channel.Open": spec.Channel.OpenOk,
-                "Confirm.Select": spec.Confirm.SelectOk,
-                "Exchange.Declare": spec.Exchange.DeclareOk,
-                "Channel.Close": spec.Channel.CloseOk,
-                "Connection.Close": spec.Connection.CloseOk,
-            }
-            answer = answers.get(method.name)
-            if answer is not None:
-                self.send(answer(), channel)
-        if self.published > confirmed:
-            self.send(spec.Basic.Ack(delivery_tag=self.published, multiple=True), 1)
-
-
-def serve_peer(port: int) -> None:
-    import uvloop
-
-    async def serve() -> None:
-        server = await asyncio.get_running_loop().create_server(ConfirmingPeer, "127.0.0.1", port)
-        await server.serve_forever()
-
-    uvloop.run(serve())
 
 
 # --------------------------------------------------------------------------------------------------- the runs
@@ -162,11 +93,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=7.0)
     parser.add_argument("--kind", choices=("json", "stream"), default="json")
-    parser.add_argument("--serve-confirming-peer", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve_confirming_peer:
-        serve_peer(args.serve_confirming_peer)
-        return
     work = Path(tempfile.mkdtemp(prefix="gate-publisher-peer-"))
     rig = gate_rig.GateRig()
     broker = OwnBroker(work / "rabbitmq.log", "1")
@@ -176,7 +103,7 @@ def main() -> None:
         stdout=subprocess.DEVNULL,
     )
     peer = subprocess.Popen(
-        ["taskset", "-c", "1", PYTHON, __file__, "--serve-confirming-peer", str(peer_port)],
+        ["taskset", "-c", "1", PYTHON, str(BENCH / "amqp_peer.py"), "--port", str(peer_port)],
         stdout=subprocess.DEVNULL,
     )
     results: dict[str, list[dict[str, float]]] = {name: [] for name in PUBLISHERS}
