@@ -22,7 +22,7 @@ from procs import Proc, free_port, wait_port
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 LITELLM_SPEC = "litellm[proxy]"
-ALL = ("direct", "nginx", "litellm", "minimal", "claude-gateway", "gate", "gate-process", "gate-nopub")
+ALL = ("direct", "nginx", "litellm", "minimal", "claude-gateway", "gate", "gate-peer", "gate-process", "gate-nopub")
 
 # Environment that must not leak into Gate's or LiteLLM's configuration from the shell running the benchmark.
 _SCRUB_PREFIXES = (
@@ -98,6 +98,7 @@ class Setup:
     quick: bool
     skip_install: bool
     gate_workers: int = 1
+    rig_cpus: str | None = None  # wrk's and the fake's core: where helpers such as amqp_peer.py run
     before_src: str | None = None  # gate-before: the ``src`` of an earlier commit (``--before``)
     before_publisher: str = "none"  # gate-before's usage.publisher (``--before-publisher``)
 
@@ -331,6 +332,7 @@ def gate(
     upstream: str | None = None,
     workers: int = 1,
     cpus: str | None = None,
+    broker_url: str | None = None,
 ) -> Contender:
     descriptions = {
         "rabbitmq": "Gate, everything on: RS256 JWT via JWKS, 2 keys rotated, usage metering, RabbitMQ "
@@ -361,6 +363,7 @@ def gate(
         publisher=publisher,
         outbox=outbox,
         workers=workers,
+        broker_url=broker_url,
     )
     c.command, c.config = [str(binary), "serve", "--config", str(config), "--workers", str(workers)], config
     c.env = clean_env(GATE_PROFILES="bench")
@@ -381,6 +384,8 @@ def build(name: str, setup: Setup) -> Contender:
         return claude_gateway(setup)
     if name == "gate":
         return gate(setup)
+    if name == "gate-peer":
+        return gate_peer(setup)
     if name == "gate-process":
         # The delivery process on the same core as Gate (all of a contender's processes are pinned together).
         c = gate(setup, "gate-process")
@@ -406,6 +411,33 @@ def build(name: str, setup: Setup) -> Contender:
         c.env["PYTHONPATH"] = setup.before_src
         return c
     raise ValueError(f"unknown contender {name!r}; known: {', '.join(ALL)}")
+
+
+def gate_peer(setup: Setup) -> Contender:
+    """Gate as ``gate``, publishing to ``amqp_peer.py`` on the rig's core instead of the RabbitMQ node: Gate's own
+    tail, the broker's CPU aside (the peer's docstring says why the node's CPU shows in wrk's tail)."""
+    port = free_port()
+    c = gate(setup, "gate-peer", broker_url=f"amqp://guest:guest@127.0.0.1:{port}/")
+    c.description = (
+        "Gate as `gate` but publishing to amqp_peer.py (an AMQP 0-9-1 endpoint on the rig's core that confirms "
+        "every publish as it reads it): Gate's whole RabbitMQ path without the broker's CPU"
+    )
+    c.kinds = ("json_c1", "stream_c1", "paced_c50")  # where the broker's CPU on the rig's core shows
+    if c.status != "pending":
+        return c
+    peer = Proc(
+        "amqp-peer",
+        [sys.executable, str(BENCH_DIR / "amqp_peer.py"), "--port", str(port)],
+        cpus=setup.rig_cpus,
+        log=setup.work / "logs" / "amqp-peer.log",
+    )
+    c.cleanup.append(peer.stop)
+    try:
+        wait_port("127.0.0.1", port, 20, peer.popen)
+    except RuntimeError as exc:
+        c.stop()
+        c.status = f"failed: amqp_peer.py did not start: {exc}"
+    return c
 
 
 # ---------------------------------------------------------------------------------------------- checks

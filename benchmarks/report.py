@@ -145,6 +145,8 @@ def _target(group: str, name: str, value: float | None, op: str, limit: float, d
 
 
 TAIL = "issue 16: tail latency"
+# The tail targets again for ``gate-peer`` (Gate publishing to amqp_peer.py): shown beside the targets, not one.
+BESIDE = "issue 16, the broker's CPU aside"
 EARLIER = "throughput and memory"
 NOISE = 0.10  # a median ratio this much worse than the previous run's counts as worse; less is run-to-run noise
 
@@ -153,28 +155,38 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f} ms"
 
 
-def _against_minimal(what: str, gate: float | None, minimal: float | None, limit: float) -> dict[str, Any]:
-    """Gate's figure within ``limit`` times the minimal proxy's."""
-    name = f"Gate's {what} within {limit:g}x the minimal proxy's"
+def _against_minimal(
+    what: str, gate: float | None, minimal: float | None, limit: float, group: str = TAIL, who: str = "Gate"
+) -> dict[str, Any]:
+    """Gate's figure within ``limit`` times the minimal proxy's (``who``: the contender it is, as named)."""
+    name = f"{who}'s {what} within {limit:g}x the minimal proxy's"
     if gate is None or minimal is None:
-        missing = " and ".join(n for n, v in (("Gate", gate), ("the minimal proxy", minimal)) if v is None)
-        return _target(TAIL, name, None, "<=", limit, f"not measured for {missing} in this run")
+        missing = " and ".join(n for n, v in ((who, gate), ("the minimal proxy", minimal)) if v is None)
+        return _target(group, name, None, "<=", limit, f"not measured for {missing} in this run")
     if minimal <= 0:
-        return _target(TAIL, name, None, "<=", limit, f"Gate {_ms(gate)}, the minimal proxy {_ms(minimal)}: no ratio")
+        return _target(group, name, None, "<=", limit, f"{who} {_ms(gate)}, the minimal proxy {_ms(minimal)}: no ratio")
     value = round(gate / minimal, 3)
-    return _target(TAIL, name, value, "<=", limit, f"Gate {_ms(gate)}, the minimal proxy {_ms(minimal)}: {value:.2f}x")
+    return _target(
+        group, name, value, "<=", limit, f"{who} {_ms(gate)}, the minimal proxy {_ms(minimal)}: {value:.2f}x"
+    )
 
 
 def _within_direct(
-    what: str, gate: float | None, direct: float | None, limit: float, extra: str = ""
+    what: str,
+    gate: float | None,
+    direct: float | None,
+    limit: float,
+    extra: str = "",
+    group: str = TAIL,
+    who: str = "Gate",
 ) -> dict[str, Any]:
     """Gate's figure less than ``limit`` ms over direct's."""
-    name = f"Gate's {what} within {limit:g} ms of direct's"
+    name = f"{who}'s {what} within {limit:g} ms of direct's"
     if gate is None or direct is None:
-        missing = " and ".join(n for n, v in (("Gate", gate), ("direct", direct)) if v is None)
-        return _target(TAIL, name, None, "<", limit, f"not measured for {missing} in this run{extra}")
+        missing = " and ".join(n for n, v in ((who, gate), ("direct", direct)) if v is None)
+        return _target(group, name, None, "<", limit, f"not measured for {missing} in this run{extra}")
     value = round(gate - direct, 3)
-    return _target(TAIL, name, value, "<", limit, f"Gate {_ms(gate)}, direct {_ms(direct)}: {value:+.3f} ms{extra}")
+    return _target(group, name, value, "<", limit, f"{who} {_ms(gate)}, direct {_ms(direct)}: {value:+.3f} ms{extra}")
 
 
 # Medians compared with the previous run, each as Gate / minimal proxy (ratios in one run, so that two runs on a
@@ -223,6 +235,7 @@ def targets(
     Verdict ``pass``, ``FAIL`` or ``n/a`` (not measured in this run); ``detail`` gives the figures behind it.
     """
     gate, aio, lite, direct = (summary.get(n, {}) for n in ("gate", "minimal", "litellm", "direct"))
+    peer = summary.get("gate-peer", {})
     rows = [
         _against_minimal(
             "added p50 at c=1, streams", gate.get("added_p50_c1_stream_ms"), aio.get("added_p50_c1_stream_ms"), 1.5
@@ -240,6 +253,22 @@ def targets(
             f" ({gate.get('ttfb_samples', 0)} and {direct.get('ttfb_samples', 0)} probes)" if gate and direct else "",
         ),
     ]
+    if peer:
+        rows += [
+            _against_minimal(f"p99 at c=1, {kind}", peer.get(key), aio.get(key), 1.5, BESIDE, "gate-peer")
+            for kind, key in (("JSON", "json_c1_p99_ms"), ("streams", "stream_c1_p99_ms"))
+        ]
+        rows.append(
+            _within_direct(
+                "TTFB p99 under paced load",
+                peer.get("ttfb_p99_ms"),
+                direct.get("ttfb_p99_ms"),
+                1.0,
+                "",
+                BESIDE,
+                "gate-peer",
+            )
+        )
     streams = phases.get("streams")
     if streams is None:
         rows.append(
@@ -457,7 +486,8 @@ def _tail_table(summary: dict[str, dict[str, Any]]) -> list[str]:
 
 def _target_sections(rows: list[dict[str, Any]]) -> list[str]:
     tail = [t for t in rows if t.get("group") == TAIL]
-    other = [t for t in rows if t.get("group") != TAIL]
+    beside = [t for t in rows if t.get("group") == BESIDE]
+    other = [t for t in rows if t.get("group") not in (TAIL, BESIDE)]
     words = {"pass": "holds", "FAIL": "FAILS", "n/a": "n/a"}
     lines = ["", "## Targets (from this run)", ""]
     if tail:
@@ -466,6 +496,17 @@ def _target_sections(rows: list[dict[str, Any]]) -> list[str]:
             lines.append(
                 f"- **{words[t['verdict']]}**: {t['target']}" + (f": {t['detail']}" if t.get("detail") else "")
             )
+        if beside:
+            lines += [
+                "",
+                "Beside them, not targets: the same limits for `gate-peer`, Gate publishing to `amqp_peer.py` instead "
+                "of the RabbitMQ node (its whole publishing path, without the broker's CPU on the rig's core):",
+                "",
+            ]
+            for t in beside:
+                lines.append(
+                    f"- {words[t['verdict']]}: {t['target']}" + (f": {t['detail']}" if t.get("detail") else "")
+                )
         lines += ["", "Earlier targets:", ""]
     lines += ["| target | value | limit | verdict |", "|---|---:|---|---|"]
     for t in other:

@@ -219,6 +219,7 @@ class Bench:
             fake_url=fake_url,
             rig=self.rig,
             proxy_cpus=self.proxy_cpus,
+            rig_cpus=self.rig_cpus,
             quick=self.args.quick,
             skip_install=self.args.skip_install,
             before_src=getattr(self.args, "before", None),
