@@ -21,7 +21,7 @@ import orjson
 import pytest
 
 from gate.accounting.usage import UsageRecord
-from gate.events import Outbox, PendingEvent, SendResult, SinkUnavailable, UsageEvents
+from gate.events import Outbox, OutboxError, PendingEvent, SendResult, SinkUnavailable, UsageEvents
 from gate.settings import UsageSettings
 from tests.brokers import wait_until
 
@@ -287,6 +287,34 @@ def test_a_second_process_on_the_same_path_takes_the_next_slot(tmp_path: Path) -
     again = Outbox(tmp_path / "outbox.sqlite3")  # released on close
     assert again.path == tmp_path / "outbox.sqlite3"
     again.close()
+
+
+def test_a_paced_append_is_one_transaction_in_order(tmp_path: Path) -> None:
+    """The writer pauses between INSERT statements (to let the request loop's thread onto the core): a reader
+    sees none of the rows while it pauses, all of them in order after, and a failure midway commits nothing."""
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
+    reader = sqlite3.connect(outbox.path)
+    seen: list[int] = []
+
+    def pause() -> None:
+        seen.append(reader.execute("SELECT count(*) FROM usage_outbox").fetchone()[0])
+
+    try:
+        rows = [(f"id-{n}", float(n), b'{"n": %d}' % n) for n in range(50)]
+        outbox.append(rows, pause=pause)
+        assert seen == [0, 0, 0]  # statements of 16, 16, 16 and 2 rows: a pause between each two
+        assert [event.event_id for event in outbox.pending(100)] == [row[0] for row in rows]
+        assert outbox.depth == 50
+
+        def fail() -> None:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        with pytest.raises(OutboxError):
+            outbox.append([(f"more-{n}", 0.0, b"{}") for n in range(20)], pause=fail)
+        assert len(outbox.pending(100)) == 50 and outbox.depth == 50
+    finally:
+        reader.close()
+        outbox.close()
 
 
 _PUBLISHER = textwrap.dedent(

@@ -21,7 +21,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +37,9 @@ _INSERT = "INSERT INTO usage_outbox (event_id, created, body) VALUES "
 # holding the GIL each handover waited up to a switch interval (5 ms), so under load the outbox threads fell
 # seconds behind. 300 rows (900 parameters) stays under SQLite's oldest limit of 999 parameters a statement.
 _ROWS_PER_STATEMENT = 300
+# Rows per INSERT when ``append`` is given a ``pause``: small enough that the caller can let the request loop's
+# thread onto the core between statements (see ``UsageEvents._commit``).
+_PACED_ROWS = 16
 _SCHEMA = (
     """
     CREATE TABLE IF NOT EXISTS usage_outbox (
@@ -113,15 +116,21 @@ class Outbox:
         self.commits = 0  # append transactions so far (the writer batches, so this grows slowly)
         self._closed = False
 
-    def append(self, rows: Sequence[tuple[str, float, bytes]]) -> None:
-        """Commit ``(event_id, created, body)`` rows in one transaction, or raise :class:`OutboxError`."""
+    def append(self, rows: Sequence[tuple[str, float, bytes]], pause: Callable[[], None] | None = None) -> None:
+        """Commit ``(event_id, created, body)`` rows in one transaction, or raise :class:`OutboxError`.
+
+        With ``pause``, rows go in statements of ``_PACED_ROWS`` and ``pause()`` is called between them, inside
+        the transaction (nothing is visible to readers until the commit)."""
         if not rows:
             return
+        step = _ROWS_PER_STATEMENT if pause is None else _PACED_ROWS
         with self._mutex:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
-                for start in range(0, len(rows), _ROWS_PER_STATEMENT):
-                    chunk = rows[start : start + _ROWS_PER_STATEMENT]
+                for start in range(0, len(rows), step):
+                    if start and pause is not None:
+                        pause()
+                    chunk = rows[start : start + step]
                     values = ", ".join(("(?, ?, ?)",) * len(chunk))
                     self._db.execute(_INSERT + values, [value for row in chunk for value in row])
                 self._db.execute("COMMIT")

@@ -50,9 +50,24 @@ _MAX_REASON = 1000  # characters of a refusal's reason kept with a dead letter
 # interval (5 ms) before it asks for the GIL: a batch of 50 events built at once held the request loop for
 # ~0.5 ms. So the writer sleeps a little after every _BUILD_SLICE of building; the loop takes the GIL then.
 # ``benchmarks/micro/delivery_stall.py`` at 2,000 events/s, pinned to one core: the loop's lateness p99 0.79 ms
-# with it against 0.95 without (no delivery at all: 0.24-0.32).
+# with it against 0.95 without (no delivery at all: 0.24-0.32). The outbox's INSERTs are paced the same way:
+# SQLite runs them without the GIL but on the same core, and this kernel does not switch to a woken thread
+# until the running one sleeps or its slice ends (``perf sched timehist`` at c=1: the loop's thread waited
+# more than 0.3 ms behind the writer 61 times in 4 s, 0.46 ms on average).
 _BUILD_SLICE = 0.0001
 _GIL_PAUSE = 0.00002
+
+
+class _Slices:
+    """Called often during a long piece of work: sleeps ``_GIL_PAUSE`` once every ``_BUILD_SLICE`` of it."""
+
+    def __init__(self) -> None:
+        self._ends = time.perf_counter() + _BUILD_SLICE
+
+    def __call__(self) -> None:
+        if time.perf_counter() >= self._ends:
+            time.sleep(_GIL_PAUSE)  # a real sleep: sleep(0) takes the GIL straight back
+            self._ends = time.perf_counter() + _BUILD_SLICE
 
 
 def make_sink(settings: UsageSettings) -> Sink:
@@ -374,11 +389,9 @@ class UsageEvents:
         taken = [buffer.popleft() for _ in range(len(buffer))]
         self._taken += len(taken)
         event_type, source, prices = self._settings.event_type, self._settings.event_source, self._prices
-        slice_ends = time.perf_counter() + _BUILD_SLICE
+        slices = _Slices()
         for (record, at), event_id in zip(taken, new_event_ids(len(taken)), strict=True):
-            if time.perf_counter() >= slice_ends:
-                time.sleep(_GIL_PAUSE)  # a real sleep: sleep(0) takes the GIL straight back
-                slice_ends = time.perf_counter() + _BUILD_SLICE
+            slices()
             try:
                 event = build_event(
                     record, event_type=event_type, source=source, event_id=event_id, at=at, prices=prices
@@ -392,7 +405,7 @@ class UsageEvents:
             return
         assert self._outbox is not None
         try:
-            self._outbox.append(rows)
+            self._outbox.append(rows, pause=slices)
         except OutboxError as exc:
             # Keep the rows (ids and times stay as built) and try again next interval.
             self._writer_error = str(exc)
