@@ -403,21 +403,24 @@ def build(name: str, setup: Setup) -> Contender:
         return c
     if name == "gate-before":
         # An A/B in the same rounds: Gate on an earlier commit's code (``run.py --before SRC``), publishing as
-        # ``--before-publisher`` says (none: as gate-nopub; rabbitmq: as gate).
+        # ``--before-publisher`` says (none: as gate-nopub; rabbitmq: as gate; peer: as gate-peer).
         if not setup.before_src:
             raise ValueError("gate-before needs --before SRC (the src folder of an earlier commit)")
-        c = gate(setup, "gate-before", publisher=setup.before_publisher)
+        if setup.before_publisher == "peer":
+            c = gate_peer(setup, "gate-before")
+        else:
+            c = gate(setup, "gate-before", publisher=setup.before_publisher)
         assert c.env is not None
         c.env["PYTHONPATH"] = setup.before_src
         return c
     raise ValueError(f"unknown contender {name!r}; known: {', '.join(ALL)}")
 
 
-def gate_peer(setup: Setup) -> Contender:
+def gate_peer(setup: Setup, name: str = "gate-peer") -> Contender:
     """Gate as ``gate``, publishing to ``amqp_peer.py`` on the rig's core instead of the RabbitMQ node: Gate's own
     tail, the broker's CPU aside (the peer's docstring says why the node's CPU shows in wrk's tail)."""
     port = free_port()
-    c = gate(setup, "gate-peer", broker_url=f"amqp://guest:guest@127.0.0.1:{port}/")
+    c = gate(setup, name, broker_url=f"amqp://guest:guest@127.0.0.1:{port}/")
     c.description = (
         "Gate as `gate` but publishing to amqp_peer.py (an AMQP 0-9-1 endpoint on the rig's core that confirms "
         "every publish as it reads it): Gate's whole RabbitMQ path without the broker's CPU"
@@ -426,10 +429,10 @@ def gate_peer(setup: Setup) -> Contender:
     if c.status != "pending":
         return c
     peer = Proc(
-        "amqp-peer",
+        f"amqp-peer-{name}",
         [sys.executable, str(BENCH_DIR / "amqp_peer.py"), "--port", str(port)],
         cpus=setup.rig_cpus,
-        log=setup.work / "logs" / "amqp-peer.log",
+        log=setup.work / "logs" / f"amqp-peer-{name}.log",
     )
     c.cleanup.append(peer.stop)
     try:

@@ -83,9 +83,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--before-publisher",
-        choices=("none", "rabbitmq"),
+        choices=("none", "rabbitmq", "peer"),
         default="none",
-        help="gate-before's usage.publisher (none: compare the request path alone, as gate-nopub; rabbitmq: as gate)",
+        help="gate-before's usage.publisher (none: compare the request path alone, as gate-nopub; rabbitmq: as gate; "
+        "peer: as gate-peer, RabbitMQ's protocol to amqp_peer.py)",
     )
     p.add_argument(
         "--previous",
