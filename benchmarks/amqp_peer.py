@@ -2,12 +2,13 @@
 
 Why: on a 2-core rig the broker has to share a core with something, and ``make bench`` pins its own RabbitMQ node
 to the rig's core (wrk and the fake upstream). The node spends about 95 us of Erlang CPU on each persistent
-message, in runs of 1-2 ms, and on this kernel a task woken on that core (wrk, the fake) waits for such a run to
-end: ``perf sched timehist`` shows wrk's wake-ups delayed 1.0-1.7 ms behind the node's scheduler thread, also when
-the node runs under ``SCHED_IDLE`` (ANALYSIS.md). A deployment's broker runs on other hosts. Publishing to this
-peer, Gate does all its own work (the outbox, its AMQP client, framing, waiting for confirms, deleting confirmed
-rows) and the rig's core does almost none: the ``gate-peer`` contender and ``micro/publisher_peer.py`` use it to
-tell Gate's tail from the broker's. It is not a broker: it keeps nothing.
+message (read from ``/proc`` in an earlier pass), in runs of 1-2 ms, and on this kernel a task woken on that core
+(wrk, the fake) waits for such a run to end: ``perf sched timehist`` shows wrk's wake-ups delayed 1.0-1.7 ms
+behind the node's scheduler thread, also when the node runs under ``SCHED_IDLE`` (ANALYSIS.md). A deployment's
+broker runs on other hosts. Publishing to this peer, Gate does all its own work (the outbox, its AMQP client,
+framing, waiting for confirms, deleting confirmed rows) and the rig's core does almost none: the ``gate-peer``
+contender and ``micro/publisher_peer.py`` use it to tell Gate's tail from the broker's. It is not a broker: it
+keeps nothing.
 
 Run: ``python benchmarks/amqp_peer.py --port N`` (serves until killed).
 """
