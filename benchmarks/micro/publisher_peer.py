@@ -12,8 +12,8 @@ same Gate publishes, in turn, to:
   pinned to the rig's core: Gate's whole RabbitMQ path (its AMQP client, confirms, outbox), with almost no broker CPU.
 
 Gate on CPU 0, wrk, the fake and the peers on CPU 1, as ``make bench`` pins them; rounds interleave the four.
-Printed per publisher: median over rounds of wrk's p50, p90, p99, p99.9 and Gate's CPU per request (user +
-system, every thread). Run: ``.venv/bin/python benchmarks/micro/publisher_peer.py [--rounds 3] [--kind json]``.
+Printed per publisher: median over rounds of wrk's p50, p90, p99, p99.9, Gate's CPU per request (user +
+system, every thread) and the events Gate still owed when the load stopped (near 0 when delivery works). Run: ``.venv/bin/python benchmarks/micro/publisher_peer.py [--rounds 3] [--kind json]``.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import gate_rig
 from broker import OwnBroker
 from load import run_wrk, write_script
 from procs import free_port, wait_port
+from run import outbox_depth
 
 PUBLISHERS = ("none", "file", "rabbitmq", "confirming-peer")
 PYTHON = str(ROOT / ".venv" / "bin" / "python")
@@ -76,12 +77,16 @@ def one_run(
         before = cpu_seconds(gate.pid)
         result = run_wrk(url, script, 1, args.seconds, "1")  # type: ignore[attr-defined]
         cpu = cpu_seconds(gate.pid) - before
+        owed = outbox_depth(url)
         return {
             "p50": result.p50,
             "p90": result.p90,
             "p99": result.p99,
             "p99.9": result.p999,
             "cpu_us": cpu / max(result.requests, 1) * 1e6,
+            # Events still in Gate's outbox when the load stops: a publisher that delivers keeps this near 0 (a
+            # peer that never confirmed once showed here only as thousands owed).
+            "owed": float("nan") if owed is None else owed,
         }
     finally:
         gate.terminate()
@@ -124,10 +129,11 @@ def main() -> None:
         broker.stop()
         rig.close()
     print(f"Gate at c=1, {args.kind}, {args.rounds} x {args.seconds:g} s; medians over rounds (ms; CPU in us/request)")
-    print(f"{'publisher':<16} {'p50':>7} {'p90':>7} {'p99':>7} {'p99.9':>7} {'cpu':>6}")
+    print(f"{'publisher':<16} {'p50':>7} {'p90':>7} {'p99':>7} {'p99.9':>7} {'cpu':>6} {'owed':>7}")
     for name, runs in results.items():
-        row = [statistics.median(run[key] for run in runs) for key in ("p50", "p90", "p99", "p99.9", "cpu_us")]
-        print(f"{name:<16} " + " ".join(f"{v:7.3f}" for v in row[:4]) + f" {row[4]:6.0f}")
+        keys = ("p50", "p90", "p99", "p99.9", "cpu_us", "owed")
+        row = [statistics.median(run[key] for run in runs) for key in keys]
+        print(f"{name:<16} " + " ".join(f"{v:7.3f}" for v in row[:4]) + f" {row[4]:6.0f} {row[5]:7.0f}")
 
 
 if __name__ == "__main__":
