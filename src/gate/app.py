@@ -21,7 +21,7 @@ from gate.events import Events, open_events
 from gate.http.server import HttpServer, Request, Response, Router
 from gate.http.tls import server_context
 from gate.identity.auth import Authenticator
-from gate.ops import heap
+from gate.ops import fdtable, heap
 from gate.ops.errors import error_response
 from gate.ops.health import Health
 from gate.ops.logs import flush_access_log
@@ -394,6 +394,7 @@ def run(settings: GateSettings) -> int:
     """
     if settings.server.workers > 1:
         return _Workers(settings).run()
+    fdtable.prepare()
     _run_loop(serve(settings, ready=lambda _port: heap.settle()))
     return 0
 
@@ -578,6 +579,7 @@ def _worker_main(settings: GateSettings, index: int, report: Any) -> None:
 
     logging_settings = settings.observability.logging
     configure_logging(logging_settings.format, logging_settings.level)
+    fdtable.prepare()
     gates: list[Gate] = []
 
     def ready(port: int) -> None:
