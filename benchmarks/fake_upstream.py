@@ -19,6 +19,8 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import cast
 
+from gate.ops import fdtable
+
 MODEL = "claude-sonnet-4-5-20250929"
 STREAM_MARKERS = (b'"stream":true', b'"stream": true')
 PACE_MARKER = b"bench-pace-ms="
@@ -387,6 +389,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pace-ms", type=float, default=0.0, help="delay between SSE events")
     parser.add_argument("--json-delay-ms", type=float, default=0.0, help="delay before a JSON reply")
     args = parser.parse_args(argv)
+    # Every contender's streams phase opens 2,000 connections here: the table grows at start, not at each
+    # doubling (this process has libuv's resolver threads, so each doubling would stall it; see gate.ops.fdtable).
+    fdtable.prepare()
     try:
         import uvloop
     except ImportError:

@@ -14,6 +14,7 @@ import os
 
 import uvloop
 
+from gate.ops import fdtable
 from sse_client import build_request, exchange, now_ms, percentiles, print_json
 
 
@@ -82,6 +83,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     token = os.environ.get("BENCH_TOKEN", "")
+    fdtable.prepare()  # the instrument's own descriptor table never stalls it (gate.ops.fdtable)
     print_json(uvloop.run(probe(args.url, token, args.count, args.window, args.delay, args.pace_ms)))
 
 
