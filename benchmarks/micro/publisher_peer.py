@@ -1,4 +1,4 @@
-"""Gate's latency at c=1 by what it publishes to: nothing, a file, a RabbitMQ node, or a peer that confirms at once.
+"""Gate's latency (at c=1 unless told) by what it publishes to: nothing, a file, a RabbitMQ node, or a peer that confirms at once.
 
 The question it answers: of the p99 that usage publishing adds at c=1 in ``make bench``, how much is Gate's own
 work and how much is the broker's? On a 2-core rig the broker has to share a core with something: ``make bench``
@@ -73,9 +73,10 @@ def one_run(
         wait_port("127.0.0.1", port, 30)
         url = f"http://127.0.0.1:{port}"
         script = write_script(work / f"{args.kind}.lua", rig.token, args.kind)  # type: ignore[attr-defined]
-        run_wrk(url, script, 1, 2, "1")  # warm
+        connections = args.connections  # type: ignore[attr-defined]
+        run_wrk(url, script, connections, 2, "1")  # warm
         before = cpu_seconds(gate.pid)
-        result = run_wrk(url, script, 1, args.seconds, "1")  # type: ignore[attr-defined]
+        result = run_wrk(url, script, connections, args.seconds, "1")  # type: ignore[attr-defined]
         cpu = cpu_seconds(gate.pid) - before
         owed = outbox_depth(url)
         return {
@@ -83,6 +84,7 @@ def one_run(
             "p90": result.p90,
             "p99": result.p99,
             "p99.9": result.p999,
+            "rps": result.requests / args.seconds,  # type: ignore[attr-defined]
             "cpu_us": cpu / max(result.requests, 1) * 1e6,
             # Events still in Gate's outbox when the load stops: a publisher that delivers keeps this near 0 (a
             # peer that never confirmed once showed here only as thousands owed).
@@ -98,6 +100,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=7.0)
     parser.add_argument("--kind", choices=("json", "stream"), default="json")
+    parser.add_argument("--connections", type=int, default=1, help="wrk's connections (make bench: 1 and 50)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gate-publisher-peer-"))
     rig = gate_rig.GateRig()
@@ -128,12 +131,15 @@ def main() -> None:
         fake.terminate()
         broker.stop()
         rig.close()
-    print(f"Gate at c=1, {args.kind}, {args.rounds} x {args.seconds:g} s; medians over rounds (ms; CPU in us/request)")
-    print(f"{'publisher':<16} {'p50':>7} {'p90':>7} {'p99':>7} {'p99.9':>7} {'cpu':>6} {'owed':>7}")
+    print(
+        f"Gate at c={args.connections}, {args.kind}, {args.rounds} x {args.seconds:g} s; medians over rounds "
+        "(ms; CPU in us/request)"
+    )
+    print(f"{'publisher':<16} {'p50':>7} {'p90':>7} {'p99':>7} {'p99.9':>7} {'req/s':>7} {'cpu':>6} {'owed':>7}")
     for name, runs in results.items():
-        keys = ("p50", "p90", "p99", "p99.9", "cpu_us", "owed")
+        keys = ("p50", "p90", "p99", "p99.9", "rps", "cpu_us", "owed")
         row = [statistics.median(run[key] for run in runs) for key in keys]
-        print(f"{name:<16} " + " ".join(f"{v:7.3f}" for v in row[:4]) + f" {row[4]:6.0f} {row[5]:7.0f}")
+        print(f"{name:<16} " + " ".join(f"{v:7.3f}" for v in row[:4]) + f" {row[4]:7.0f} {row[5]:6.0f} {row[6]:7.0f}")
 
 
 if __name__ == "__main__":
