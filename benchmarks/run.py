@@ -61,7 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--streams-targets",
         default="direct,gate",
-        help="contenders for the streams phase, of direct,gate,minimal (direct: the client's and fake's own gaps)",
+        help="contenders for the streams phase, of direct,gate,minimal and, with --before, gate-before (direct: the "
+        "client's and fake's own gaps)",
     )
     p.add_argument("--soak-target", default="gate", help="contender for the soak (gate or minimal)")
     p.add_argument("--scaling-rounds", type=int, default=1, help="rounds of the workers=1,2 comparison")
@@ -430,7 +431,11 @@ class Bench:
             return lineup.gate(setup, f"gate-{self._phase}", upstream=upstream)
         if name == "minimal":
             return lineup.minimal(setup, f"minimal-{self._phase}", upstream=upstream)
-        raise ValueError(f"phase target must be direct, gate or minimal, not {name!r}")
+        if name == "gate-before" and setup.before_src:  # an A/B of this phase: an earlier commit's Gate (--before)
+            c = lineup.gate(setup, f"gate-before-{self._phase}", upstream=upstream)
+            c.env["PYTHONPATH"] = setup.before_src
+            return c
+        raise ValueError(f"phase target must be direct, gate, minimal or (with --before) gate-before, not {name!r}")
 
     _phase = ""
 
