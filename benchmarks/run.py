@@ -433,6 +433,7 @@ class Bench:
             return lineup.minimal(setup, f"minimal-{self._phase}", upstream=upstream)
         if name == "gate-before" and setup.before_src:  # an A/B of this phase: an earlier commit's Gate (--before)
             c = lineup.gate(setup, f"gate-before-{self._phase}", upstream=upstream)
+            assert c.env is not None
             c.env["PYTHONPATH"] = setup.before_src
             return c
         raise ValueError(f"phase target must be direct, gate, minimal or (with --before) gate-before, not {name!r}")
