@@ -149,6 +149,10 @@ def serve(tmp_path: Path, fake: FakeAnthropic) -> Iterator[Callable[..., tuple[s
                 assert process.poll() is None, (tmp_path / "gate.log").read_text()
                 assert time.monotonic() < deadline, "Gate never answered"
                 time.sleep(0.05)
+        # Every worker is up once Gate logs its "ready" line (one worker may serve before another has started).
+        while " ready: " not in (tmp_path / "gate.log").read_text():
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "gate.log").read_text()
+            time.sleep(0.05)
         return process, port, (tmp_path / "gate.log").read_text()
 
     yield start
