@@ -30,12 +30,15 @@ own process.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
-import resource
+import sys
 from dataclasses import dataclass
 from typing import Final
+
+if sys.platform != "win32":  # Gate runs on POSIX; elsewhere prepare() leaves the process as it is
+    import fcntl
+    import resource
 
 __all__ = ["LOW_LIMIT", "PRESIZE_CAP", "Prepared", "prepare"]
 
@@ -59,6 +62,8 @@ class Prepared:
 
 def prepare(cap: int = PRESIZE_CAP) -> Prepared:
     """Raise the soft open-file limit to the hard one and pre-size the descriptor table (see the module)."""
+    if sys.platform == "win32":  # pragma: no cover - no such limit or table to prepare
+        return Prepared(soft_before=0, soft=0, hard=0, presized=0)
     soft_before, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     soft = _raise_soft(soft_before, hard)
     presized = _presize(min(soft, cap))
