@@ -6,13 +6,14 @@ client's connection and the upstream's):
 - **The soft limit.** Many hosts start services with a soft ``RLIMIT_NOFILE`` of 1,024 (systemd's default) under
   a hard limit of 524,288 or more: Gate would refuse connections at about 500 streams. ``prepare`` raises the soft
   limit to the hard one, as the Go runtime does for every Go server; the hard limit stays the operator's.
-- **The table's growth.** Linux grows a process's descriptor table by doubling it (64, 256, 512, 1,024, ...
-  entries), and in a process with more than one thread (Gate has its outbox writer, the telemetry exporter,
-  libuv's resolver pool) each doubling waits for an RCU grace period (``expand_fdtable`` calls
-  ``synchronize_rcu``) inside the ``accept`` or ``socket`` call that crossed the boundary, with the event loop
-  stopped. Measured with ``benchmarks/micro/fd_table.py`` (5,000 sockets opened one by one in a process with a
-  second thread): ``socket()`` took 12, 15, 19, 5 and 11 ms at descriptors 256, 512, 1,024, 2,048 and 4,096,
-  against none over 0.5 ms in the same process single-threaded or with its table pre-sized. While 2,000 streams
+- **The table's growth.** Linux grows a process's descriptor table by doubling it as descriptors are taken,
+  and in a process with more than one thread (Gate has its outbox writer and the outbox's executor, libuv's
+  resolver pool, and an exporter's thread when telemetry is exported) each doubling waits for an RCU grace period
+  (``expand_fdtable`` calls ``synchronize_rcu``) inside the ``accept`` or ``socket`` call that crossed the
+  boundary, with the event loop stopped. Measured with ``benchmarks/micro/fd_table.py`` (5,000 sockets opened
+  one by one in a process with a second thread): ``socket()`` took 12, 15, 19, 5 and 11 ms at descriptors 256,
+  512, 1,024, 2,048 and 4,096, against none over 0.5 ms in the same process single-threaded or with its table
+  pre-sized. While 2,000 streams
   opened over 3 s (``benchmarks/run.py --phases streams``), each of those stalls delayed every stream starting
   then: they were the clusters of 10-17 ms in the time to first byte.
 
