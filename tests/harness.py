@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import socket
 import threading
 import time
@@ -12,8 +13,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
+import yaml
 
 from gate.app import Gate, serve
+from gate.identity.auth import mint_dev_token
 from gate.ops.telemetry import Telemetry
 from gate.settings import GateSettings, load_settings
 
@@ -66,11 +69,9 @@ def stalled_stream_client(port: int, token: str, body: bytes) -> socket.socket:
     return sock
 
 
-def gate_settings(
-    tmp: Path, upstream_url: str, *, profiles: tuple[str, ...] = ("local",), **sections: Any
-) -> GateSettings:
-    """Settings for a test Gate: two keys, file publisher, everything under ``tmp``; ``sections`` override."""
-    base: dict[str, Any] = {
+def _base_config(tmp: Path, upstream_url: str) -> dict[str, Any]:
+    """A test Gate's configuration: dev auth, two keys, file publisher, JSON logs, everything under ``tmp``."""
+    return {
         "server": {
             "host": "127.0.0.1",
             "port": 0,
@@ -93,8 +94,28 @@ def gate_settings(
         },
         "observability": {"logging": {"format": "json"}},
     }
+
+
+def gate_settings(
+    tmp: Path, upstream_url: str, *, profiles: tuple[str, ...] = ("local",), **sections: Any
+) -> GateSettings:
+    """Settings for a test Gate: two keys, file publisher, everything under ``tmp``; ``sections`` override."""
+    base = _base_config(tmp, upstream_url)
     _deep_merge(base, sections)
     return load_settings(profiles=list(profiles), env={}, config_dir=tmp / "no-config", overrides=base)
+
+
+def serve_config(tmp: Path, upstream_url: str, **sections: Any) -> tuple[Path, str, dict[str, str]]:
+    """For ``gate serve`` in a process of its own: the config file (as ``gate_settings``, ``sections`` merged in),
+    a dev token for user ``alice`` that it accepts, and the environment to start it in (profile ``local``)."""
+    config = _base_config(tmp, upstream_url)
+    _deep_merge(config, sections)
+    path = tmp / "gate.yaml"
+    path.write_text(yaml.safe_dump(config))
+    settings = load_settings(config_files=[str(path)], profiles=["local"], env={})
+    token = mint_dev_token(settings, "alice", 3600)  # also creates the dev key pair Gate will load
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp), "GATE_PROFILES": "local"}
+    return path, token, env
 
 
 def _deep_merge(target: dict[str, Any], incoming: dict[str, Any]) -> None:

@@ -17,13 +17,11 @@ from typing import Any
 
 import anthropic
 import pytest
-import yaml
 
-from gate.identity.auth import mint_dev_token
 from gate.ops import fdtable
-from gate.settings import GateSettings, load_settings
+from gate.settings import GateSettings
 from tests.fake_anthropic import FakeAnthropic
-from tests.harness import free_port
+from tests.harness import free_port, serve_config
 
 GATE = Path(sys.executable).parent / "gate"
 WAIT = 30.0  # a safety net for blocking calls, never an assertion
@@ -107,27 +105,7 @@ def serve(tmp_path: Path, fake: FakeAnthropic) -> Iterator[Callable[..., tuple[s
 
     def start(soft: int, hard: int, workers: int = 1) -> tuple[subprocess.Popen[bytes], int, str]:
         port = free_port()
-        config = {
-            "server": {"host": "127.0.0.1", "port": port, "workers": workers},
-            "security": {"jwt": {"dev": {"data-dir": str(tmp_path / "dev-keys")}}},
-            "anthropic": {
-                "api": {
-                    "base-url": fake.url,
-                    "keys": [{"alias": "primary", "value": "sk-ant-test-primary-0000000000000000"}],
-                }
-            },
-            "usage": {
-                "publisher": "file",
-                "file": {"path": str(tmp_path / "usage.jsonl")},
-                "outbox": {"path": str(tmp_path / "outbox.sqlite3")},
-            },
-            "observability": {"logging": {"format": "json"}},
-        }
-        config_path = tmp_path / "gate.yaml"
-        config_path.write_text(yaml.safe_dump(config))
-        settings = load_settings(config_files=[str(config_path)], profiles=["local"], env={})
-        token = mint_dev_token(settings, "alice", 3600)
-        env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "GATE_PROFILES": "local"}
+        config_path, token, env = serve_config(tmp_path, fake.url, server={"port": port, "workers": workers})
         with (tmp_path / "gate.log").open("wb") as log:
             process = subprocess.Popen(
                 [str(GATE), "serve", "--config", str(config_path)],
