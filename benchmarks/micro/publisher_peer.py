@@ -1,4 +1,4 @@
-"""Gate's latency (at c=1 unless told) by what it publishes to: nothing, a file, a RabbitMQ node, or a peer that confirms at once.
+"""Gate's latency and CPU by what it publishes to: nothing, a file, a RabbitMQ node, or a peer that confirms at once.
 
 The question it answers: of the p99 that usage publishing adds at c=1 in ``make bench``, how much is Gate's own
 work and how much is the broker's? On a 2-core rig the broker has to share a core with something: ``make bench``
@@ -13,7 +13,9 @@ same Gate publishes, in turn, to:
 
 Gate on CPU 0, wrk, the fake and the peers on CPU 1, as ``make bench`` pins them; rounds interleave the four.
 Printed per publisher: median over rounds of wrk's p50, p90, p99, p99.9, Gate's CPU per request (user +
-system, every thread) and the events Gate still owed when the load stopped (near 0 when delivery works). Run: ``.venv/bin/python benchmarks/micro/publisher_peer.py [--rounds 3] [--kind json]``.
+system, every thread), req/s and the events Gate still owed when the load stopped (near 0 when delivery works).
+Run: ``.venv/bin/python benchmarks/micro/publisher_peer.py [--rounds 3] [--kind json] [--connections 1]``; with
+``--connections 50`` (``make bench``'s throughput load) the CPU column is what publishing costs each request.
 """
 
 from __future__ import annotations
