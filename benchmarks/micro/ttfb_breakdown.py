@@ -43,7 +43,7 @@ sys.path.insert(0, str(BENCH))
 
 import contenders as lineup
 from gate_rig import GateRig
-from load import write_script
+from load import run_wrk, write_script
 from procs import Proc, free_port, pinned, wait_port
 from sse_client import percentiles
 
@@ -195,9 +195,7 @@ def one_round(
 ) -> dict[str, Any]:
     capture = work / f"{c.name}.pcap"
     script = write_script(work / "lua" / "paced.lua", token, "paced")
-    url = c.url + "/v1/messages"
-    wrk = ["wrk", "-t1", "-c50", f"-d{args.seconds:g}s", "--timeout=10s", "-s", str(script), url]
-    subprocess.run(pinned([*wrk[:3], "-d2s", *wrk[4:]], RIG_CPUS), capture_output=True, check=False)  # warm
+    run_wrk(c.url, script, 50, 2, RIG_CPUS)  # warm
     time.sleep(1)
     filter_ = f"tcp port {port}" + ("" if port == fake_port else f" or tcp port {fake_port}")
     dump = subprocess.Popen(
@@ -227,13 +225,14 @@ def one_round(
         env={"PATH": "/usr/bin:/bin", "BENCH_TOKEN": c.token or token},
         cwd=BENCH,
     )
-    subprocess.run(pinned(wrk, RIG_CPUS), capture_output=True, check=False)
+    load = run_wrk(c.url, script, 50, args.seconds, RIG_CPUS)
     out, _ = probe.communicate(timeout=60)
     time.sleep(0.3)
     dump.terminate()
     dump.wait(timeout=10)
     ttfb = json.loads(out)["ttfb_ms"]
     result = summarize(c.name, breakdown(read_pcap(capture), port, fake_port), ttfb)
+    result["load_errors"] = load.errors + load.non_2xx  # wrk's paced requests that failed: the load was not served
     capture.unlink()
     return result
 
@@ -248,9 +247,10 @@ def show(results: list[dict[str, Any]]) -> None:
     for r in results:
         gap = r.get("queued_request_gap_us") or {}
         gaps = f"{gap.get('p10', 0):.0f} / {gap.get('p50', 0):.0f} / {gap.get('p90', 0):.0f}" if gap else "-"
+        failed = f"  ({r['load_errors']} of wrk's requests failed)" if r.get("load_errors") else ""
         print(
             f"{r['contender']:12} {r['probes']:>4} {cell(r, 'probe'):>15} {cell(r, 'wire'):>15} {cell(r, 'in'):>15} "
-            f"{cell(r, 'fake'):>15} {cell(r, 'out'):>15}  {gaps}"
+            f"{cell(r, 'fake'):>15} {cell(r, 'out'):>15}  {gaps}{failed}"
         )
     print(
         "\nslowest probes (ms; requests_around: requests that reached the proxy from 2 ms before it to its first byte)"
